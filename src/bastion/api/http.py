@@ -1,0 +1,401 @@
+"""The HTTP layer: a small ASGI application that routes Matrix requests to handlers.
+
+uvicorn serves HTTP; this module turns ASGI calls into handler calls. It is kept
+thin on purpose and written for Matrix rather than taken from a web framework:
+
+* paths are matched on the *raw* path, segment by segment, and each parameter is
+  percent-decoded on its own — a state key or event ID may contain ``/`` encoded as
+  ``%2F``, which a router that matches decoded paths gets wrong;
+* every error is a Matrix error body (``errcode``/``error``), including unknown
+  endpoints (404 ``M_UNRECOGNIZED``), wrong methods (405), malformed JSON, bodies
+  over the configured limit (413 ``M_TOO_LARGE``) and unexpected failures (500,
+  logged with a reference, never a stack trace to the client);
+* CORS headers on every response and ``OPTIONS`` on every path, as the spec asks.
+
+Handlers are ``async def handler(req: Request) -> Response | dict``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+import orjson
+
+from bastion.errors import (
+    BadJson,
+    InvalidParam,
+    MatrixError,
+    MissingParam,
+    MissingToken,
+    NotJson,
+    TooLarge,
+    Unrecognized,
+)
+
+log = logging.getLogger("bastion.http")
+
+CORS_HEADERS = [
+    (b"access-control-allow-origin", b"*"),
+    (b"access-control-allow-methods", b"GET, POST, PUT, DELETE, OPTIONS"),
+    (b"access-control-allow-headers", b"X-Requested-With, Content-Type, Authorization"),
+]
+JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-cache, no-store, must-revalidate"), *CORS_HEADERS]
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+
+CLIENT_V3 = "/_matrix/client/{version:v3}"
+CLIENT_V1 = "/_matrix/client/v1"
+
+
+@dataclass
+class Response:
+    body: bytes
+    status: int = 200
+    headers: Sequence[tuple[bytes, bytes]] = ()
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status)
+
+
+Handler = Callable[["Request"], Awaitable[Response | dict[str, Any]]]
+
+
+class Request:
+    """One HTTP request as handlers see it."""
+
+    __slots__ = ("_body", "_query", "client_ip", "headers", "hs", "method", "params", "path", "receive", "requester", "scope")
+
+    def __init__(self, scope: dict[str, Any], receive: Callable[..., Any], params: dict[str, str], hs: Any, client_ip: str | None) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.params = params
+        self.hs = hs
+        self.client_ip = client_ip
+        self.headers: dict[bytes, bytes] = {k.lower(): v for k, v in scope.get("headers", ())}
+        self._query: dict[str, list[str]] | None = None
+        self._body: bytes | None = None
+        self.requester: Any = None
+
+    # -- query ------------------------------------------------------------------------------
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        if self._query is None:
+            raw = self.scope.get("query_string", b"")
+            try:
+                self._query = parse_qs(raw.decode("utf-8"), keep_blank_values=True, errors="strict") if raw else {}
+            except (UnicodeDecodeError, ValueError):
+                raise InvalidParam("The query string is not valid UTF-8") from None
+        return self._query
+
+    def query_str(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def query_list(self, name: str) -> list[str]:
+        return self.query.get(name, [])
+
+    def query_int(self, name: str, default: int | None = None, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+        value = self.query_str(name)
+        if value is None or value == "":
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise InvalidParam(f"query parameter '{name}' must be an integer") from None
+        if minimum is not None and number < minimum:
+            raise InvalidParam(f"query parameter '{name}' must be at least {minimum}")
+        if maximum is not None and number > maximum:
+            number = maximum
+        return number
+
+    def query_bool(self, name: str, default: bool = False) -> bool:
+        value = self.query_str(name)
+        if value is None:
+            return default
+        if value in ("true", "1"):
+            return True
+        if value in ("false", "0", ""):
+            return False
+        raise InvalidParam(f"query parameter '{name}' must be 'true' or 'false'")
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return value.decode("latin-1") if value is not None else None
+
+    # -- body -------------------------------------------------------------------------------
+
+    async def body(self) -> bytes:
+        if self._body is not None:
+            return self._body
+        limit: int = self.hs.settings.limits.max_request_body_bytes
+        length = self.headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > limit:
+                    raise TooLarge(f"Request body is larger than {limit} bytes")
+            except ValueError:
+                raise MatrixError("Invalid Content-Length", errcode="M_UNKNOWN", status=400) from None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"Request body is larger than {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        self._body = b"".join(chunks)
+        return self._body
+
+    async def json(self, *, allow_empty: bool = False) -> dict[str, Any]:
+        raw = await self.body()
+        if not raw.strip():
+            if allow_empty:
+                return {}
+            raise NotJson("The request body must be a JSON object")
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise NotJson("The request body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise BadJson("The request body must be a JSON object")
+        return value
+
+    @property
+    def access_token(self) -> str | None:
+        header = self.headers.get(b"authorization")
+        if header is None:
+            return None
+        try:
+            scheme, _, token = header.decode("latin-1").partition(" ")
+        except Exception:  # pragma: no cover
+            return None
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return token.strip()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass
+class Route:
+    method: str
+    regex: re.Pattern[str]
+    names: list[str]
+    handler: Handler
+    auth: bool
+    admin_only_network: bool
+
+
+_PARAM_RE = re.compile(r"\{([A-Za-z_]+)(?::([^}]+))?(\?)?\}")
+
+
+def compile_path(template: str) -> tuple[re.Pattern[str], list[str]]:
+    """``/rooms/{roomId}/state/{eventType}/{stateKey?}`` -> regex over the raw path.
+
+    ``{name:v3}`` pins a version segment (also accepting the legacy ``r0``);
+    ``{name?}`` marks an optional trailing segment (an empty state key).
+    """
+    names: list[str] = []
+    pattern = ""
+    pos = 0
+    for match in _PARAM_RE.finditer(template):
+        literal = template[pos : match.start()]
+        name, fixed, optional = match.group(1), match.group(2), match.group(3)
+        if fixed is not None:
+            pattern += re.escape(literal) + "(?:r0|v3)"
+        elif optional:
+            if not literal.endswith("/"):
+                raise ValueError("optional segments must follow a '/'")
+            pattern += re.escape(literal[:-1]) + "(?:/([^/]*))?"
+            names.append(name)
+        else:
+            pattern += re.escape(literal) + "([^/]+)"
+            names.append(name)
+        pos = match.end()
+    pattern += re.escape(template[pos:])
+    return re.compile("^" + pattern + "$"), names
+
+
+class RouteTable:
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+
+    def add(self, method: str, template: str, handler: Handler, *, auth: bool = True, admin_network: bool = False) -> None:
+        regex, names = compile_path(template)
+        self.routes.append(Route(method, regex, names, handler, auth, admin_network))
+
+    def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
+        """(route, params, path_known). path_known is True if another method matches."""
+        path_known = False
+        for route in self.routes:
+            m = route.regex.match(path)
+            if m is None:
+                continue
+            if route.method != method:
+                path_known = True
+                continue
+            params = {}
+            for name, raw in zip(route.names, m.groups(), strict=True):
+                params[name] = unquote(raw, errors="strict") if raw is not None else ""
+            return route, params, True
+        return None, {}, path_known
+
+
+def _parse_networks(values: Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(v, strict=False) for v in values]
+
+
+class MatrixApp:
+    """The ASGI application: lifespan, routing, auth, errors, CORS."""
+
+    def __init__(self, routes: RouteTable, hs_factory: Callable[[], Awaitable[Any]], settings: Any) -> None:
+        self._routes = routes
+        self._hs_factory = hs_factory
+        self.settings = settings
+        self.hs: Any = None
+        self._trusted = _parse_networks(settings.trusted_proxies)
+        self._admin_networks = _parse_networks(settings.admin_api.allowed_networks)
+        self._access_log = settings.logging.access_log
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.hs = await self._hs_factory()
+                except Exception as exc:
+                    log.error("start-up failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.hs is not None:
+                    await self.hs.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def client_ip(self, scope: dict[str, Any]) -> str | None:
+        client = scope.get("client")
+        peer = client[0] if client else None
+        if peer is None or not self._trusted:
+            return peer
+        try:
+            if not any(ipaddress.ip_address(peer) in net for net in self._trusted):
+                return peer
+        except ValueError:
+            return peer
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"x-forwarded-for":
+                hops = [h.strip() for h in value.decode("latin-1").split(",") if h.strip()]
+                for hop in reversed(hops):
+                    try:
+                        if not any(ipaddress.ip_address(hop) in net for net in self._trusted):
+                            return hop
+                    except ValueError:
+                        return peer
+        return peer
+
+    def _in_admin_network(self, ip: str | None) -> bool:
+        if ip is None:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._admin_networks)
+
+    async def _http(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        method = scope["method"]
+        if method == "OPTIONS":
+            await _send(send, 204, b"", [])
+            return
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        try:
+            path = raw_path.decode("ascii")
+        except UnicodeDecodeError:
+            path = raw_path.decode("latin-1")
+        response: Response | dict[str, Any]
+        try:
+            route, params, known = self._routes.match(method, path)
+            if route is None:
+                if known:
+                    raise Unrecognized("Method not allowed for this endpoint", status=405)
+                raise Unrecognized("Unrecognized request")
+            ip = self.client_ip(scope)
+            if route.admin_only_network and not self._in_admin_network(ip):
+                raise Unrecognized("Unrecognized request")
+            req = Request(scope, receive, params, self.hs, ip)
+            if route.auth:
+                token = req.access_token
+                if token is None:
+                    raise MissingToken("Missing access token")
+                req.requester = await self.hs.auth.authenticate(token, ip, req.header(b"user-agent"))
+            response = await route.handler(req)
+        except MatrixError as exc:
+            response = Response(orjson.dumps(exc.to_dict()), exc.status)
+            if exc.status == 429:
+                retry = exc.extra.get("retry_after_ms")
+                if isinstance(retry, int):
+                    response.headers = [(b"retry-after", str(max(1, retry // 1000)).encode())]
+        except _ClientGone:
+            return
+        except UnicodeDecodeError:
+            response = Response(orjson.dumps({"errcode": "M_INVALID_PARAM", "error": "Invalid percent-encoding in the path"}), 400)
+        except Exception:
+            ref = secrets.token_hex(6)
+            log.exception("unhandled error handling %s %s (ref %s)", method, scope.get("path"), ref)
+            response = Response(orjson.dumps({"errcode": "M_UNKNOWN", "error": f"Internal server error (ref {ref})"}), 500)
+        if isinstance(response, dict):
+            response = Response(orjson.dumps(response))
+        if self._access_log:
+            log.info("%s %s %d", method, scope.get("path"), response.status)
+        await _send(send, response.status, response.body, response.headers)
+
+
+async def _send(send: Callable[..., Any], status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]]) -> None:
+    headers = list(JSON_HEADERS) if not extra or all(k != b"content-type" for k, _ in extra) else list(CORS_HEADERS)
+    headers.extend(SECURITY_HEADERS)
+    headers.extend(extra)
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- request-body helpers used by handlers ---------------------------------------------------
+
+
+def body_str(body: dict[str, Any], key: str, *, required: bool = False, max_len: int = 65536) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise MissingParam(f"'{key}' is required")
+        return None
+    if not isinstance(value, str):
+        raise BadJson(f"'{key}' must be a string")
+    if len(value) > max_len:
+        raise BadJson(f"'{key}' is too long")
+    return value

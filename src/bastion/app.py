@@ -1,0 +1,242 @@
+"""Building the server: every service constructed once, in one place, from the settings.
+
+:class:`Homeserver` is the whole object graph — database, caches, streams and
+services — with no module-level state, so several can live in one process (tests
+do this; App IDs will). :func:`create_app` wraps it in the ASGI application.
+
+Data flows one way: ``api`` -> ``services`` -> ``storage``; the persister publishes
+to the caches and the notifier only after a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from typing import Any
+
+from bastion.api.http import MatrixApp, Request, RouteTable
+from bastion.core.signing import SigningKey
+from bastion.core.ids import is_valid_room_alias
+from bastion.errors import BadJson, ConfigError, MatrixError
+from bastion.security.passwords import PasswordHasher
+from bastion.services.account_data import AccountDataService
+from bastion.services.accounts import AccountService
+from bastion.services.aliases import AliasService
+from bastion.services.auth import AuthService, PasswordChecker, UiaService
+from bastion.services.caches import EventCache, MembershipIndex, RoomCache
+from bastion.services.deactivation import DeactivationService
+from bastion.services.filters import FilterService
+from bastion.services.persister import EventPersister
+from bastion.services.profiles import ProfileService
+from bastion.services.room_events import EventService
+from bastion.services.room_reads import RoomReadService
+from bastion.services.rooms import RoomService
+from bastion.services.signals import SignalPoller
+from bastion.services.sync import SyncService
+from bastion.settings import Settings
+from bastion.storage import accounts as accounts_store
+from bastion.storage import events as events_store
+from bastion.storage import rooms as rooms_store
+from bastion.storage.database import Database, open_database
+from bastion.storage.migrate import migrate
+from bastion.streams.notifier import Notifier
+from bastion.streams.tokens import StreamToken
+
+log = logging.getLogger(__name__)
+
+LAST_SEEN_FLUSH_S = 30.0
+
+
+def load_signing_key(settings: Settings) -> SigningKey:
+    try:
+        return SigningKey.load(settings.signing_key_path)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config key 'signing_key_path': {settings.signing_key_path} does not exist (run 'bastion init')"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"config key 'signing_key_path': cannot read the signing key: {exc}") from None
+
+
+def password_hasher(settings: Settings) -> PasswordHasher:
+    cost = settings.password_hashing
+    return PasswordHasher(cost.time_cost, cost.memory_kib, cost.parallelism)
+
+
+def open_migrated_database(settings: Settings) -> Database:
+    url = settings.database.resolved_url()
+    migrate(url)
+    return open_database(
+        url,
+        pool_size=settings.database.pool_size,
+        sqlite_synchronous=settings.database.sqlite_synchronous,
+        sqlite_readers=settings.database.sqlite_readers,
+    )
+
+
+def _initial_positions(txn: Any) -> tuple[int, int]:
+    return events_store.max_stream_ordering(txn), rooms_store.max_account_data_stream(txn)
+
+
+class Homeserver:
+    """All services of one server, built from one :class:`Settings`."""
+
+    def __init__(self, settings: Settings, db: Database, signing_key: SigningKey, positions: tuple[int, int]) -> None:
+        self.settings = settings
+        self.db = db
+        self.signing_key = signing_key
+        server_name = settings.server_name
+        self.notifier = Notifier(StreamToken(events=positions[0], account_data=positions[1]))
+        self.event_cache = EventCache(db)
+        self.room_cache = RoomCache(db, self.event_cache)
+        self.memberships = MembershipIndex(db)
+        self.persister = EventPersister(db, self.event_cache, self.memberships, self.notifier, positions[0])
+        self.events = EventService(
+            server_name=server_name,
+            signing_key=signing_key,
+            db=db,
+            rooms=self.room_cache,
+            events=self.event_cache,
+            persister=self.persister,
+        )
+        self.aliases = AliasService(server_name, db, self.events)
+        self.events.validators.append(self._validate_canonical_alias)
+        self.rooms = RoomService(
+            server_name=server_name,
+            db=db,
+            events=self.events,
+            memberships=self.memberships,
+            aliases=self.aliases,
+            default_room_version=settings.default_room_version,
+        )
+        self.reads = RoomReadService(
+            db=db,
+            events=self.events,
+            event_cache=self.event_cache,
+            notifier=self.notifier,
+            max_limit=settings.limits.messages_limit_max,
+        )
+        self.account_data = AccountDataService(db, self.notifier, positions[1])
+        self.sync = SyncService(
+            db=db,
+            rooms=self.room_cache,
+            event_cache=self.event_cache,
+            memberships=self.memberships,
+            notifier=self.notifier,
+            account_data=self.account_data,
+            max_timeout_ms=settings.limits.sync_max_timeout_ms,
+            timeline_limit_max=settings.limits.timeline_limit_max,
+        )
+        self.filters = FilterService(db)
+        self.passwords = PasswordChecker(password_hasher(settings))
+        self.auth = AuthService(db, server_name, self.passwords)
+        self.uia = UiaService(db, self.auth)
+        self.accounts = AccountService(
+            server_name=server_name,
+            db=db,
+            auth=self.auth,
+            uia=self.uia,
+            min_password_length=settings.password_hashing.min_length,
+            registration_enabled=settings.registration.enabled,
+            registration_requires_token=settings.registration.require_token,
+            shared_secret=settings.registration.resolved_shared_secret(),
+        )
+        self.profiles = ProfileService(db, self.events, self.memberships)
+        self.deactivation = DeactivationService(db, self.auth, self.rooms, self.memberships)
+        self.signals = SignalPoller(db)
+        self.signals.on("deactivated", self.deactivation.finish)
+        self.signals.on("user_tokens", self.auth.forget_user)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
+
+    async def _validate_canonical_alias(self, event: Any, state: Any) -> None:
+        """m.room.canonical_alias may only name aliases that point to the room (spec: M_BAD_ALIAS)."""
+        if event.type != "m.room.canonical_alias" or event.state_key != "":
+            return
+        aliases: list[Any] = []
+        if event.content.get("alias") is not None:
+            aliases.append(event.content["alias"])
+        alt = event.content.get("alt_aliases")
+        if alt is not None:
+            if not isinstance(alt, list):
+                raise BadJson("'alt_aliases' must be a list of aliases")
+            aliases.extend(alt)
+        for alias in aliases:
+            if not isinstance(alias, str) or not is_valid_room_alias(alias):
+                raise MatrixError(f"{alias!r} is not a valid room alias", errcode="M_INVALID_PARAM", status=400)
+            if not await self.aliases.alias_points_to(alias, event.room_id):
+                raise MatrixError(f"{alias} does not point to this room", errcode="M_BAD_ALIAS", status=400)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Homeserver:
+        loop = asyncio.get_running_loop()
+        signing_key = load_signing_key(settings)
+        db = await loop.run_in_executor(None, open_migrated_database, settings)
+        positions = await db.read(_initial_positions)
+        hs = cls(settings, db, signing_key, positions)
+        await hs.signals.start()
+        hs._tasks.append(asyncio.create_task(hs._periodic(), name="periodic"))
+        hs._tasks.append(asyncio.create_task(hs.deactivation.finish_pending(), name="pending-deactivations"))
+        log.info("Bastion ready for %s (stream position %d)", settings.server_name, positions[0])
+        return hs
+
+    async def _periodic(self) -> None:
+        from bastion.clock import now_ms
+
+        while True:
+            await asyncio.sleep(LAST_SEEN_FLUSH_S)
+            try:
+                await self.auth.flush_last_seen()
+                await self.db.write(accounts_store.expire_uia_sessions, now_ms() - 3600 * 1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("periodic maintenance failed: %s", exc)
+
+    def trusts_proxy(self, req: Request) -> bool:
+        client = req.scope.get("client")
+        if not client or not self._trusted:
+            return False
+        try:
+            return any(ipaddress.ip_address(client[0]) in net for net in self._trusted)
+        except ValueError:
+            return False
+
+    def begin_shutdown(self) -> None:
+        """Release long-polls so in-flight requests can finish quickly."""
+        self.notifier.shutdown()
+
+    async def close(self) -> None:
+        self.notifier.shutdown()
+        await self.persister.flush()
+        await self.signals.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.auth.flush_last_seen()
+        self.passwords.close()
+        await self.db.close()
+
+
+def build_routes() -> RouteTable:
+    from bastion.api.admin import register as admin_register
+    from bastion.api.client import account, discovery, profile, rooms, sync
+
+    routes = RouteTable()
+    for module in (discovery, account, rooms, sync, profile, admin_register):
+        module.register(routes)
+    return routes
+
+
+def create_app(settings: Settings) -> MatrixApp:
+    """The ASGI application for ``settings``; services are built at lifespan start-up."""
+
+    async def factory() -> Homeserver:
+        return await Homeserver.start(settings)
+
+    return MatrixApp(build_routes(), factory, settings)

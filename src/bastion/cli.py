@@ -1,0 +1,355 @@
+"""The ``bastion`` command: init, serve, user and registration-token management.
+
+Built with click (well-kept, gives help text, prompts and clean errors for free).
+Every command that needs a configuration takes ``--config`` (or ``BASTION_CONFIG``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from bastion import __version__
+from bastion.errors import ConfigError
+
+CONFIG_OPTION = click.option(
+    "--config",
+    "config_path",
+    envvar="BASTION_CONFIG",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Path to the YAML configuration file (or set BASTION_CONFIG).",
+)
+
+
+def _load(config_path: Path) -> Any:
+    from bastion.settings import load_settings
+
+    try:
+        return load_settings(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(f"bad configuration in {config_path}:\n{exc}") from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="bastion")
+def main() -> None:
+    """Bastion: a self-hosted, security-first Matrix homeserver."""
+
+
+# -- init ------------------------------------------------------------------------------------
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--server-name", required=True, help="The server name in user IDs, e.g. example.org.")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Where Bastion keeps its data.")
+@click.option("--port", default=8008, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--bind", "bind_host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--database-url", default=None, help="postgresql://user:pass@host/db (default: SQLite in the data dir).")
+@click.option("--registration-shared-secret", default=None, help="Enable Synapse-style shared-secret registration.")
+@click.option("--force", is_flag=True, help="Overwrite an existing config file.")
+def init(
+    config_path: Path,
+    server_name: str,
+    data_dir: Path,
+    port: int,
+    bind_host: str,
+    database_url: str | None,
+    registration_shared_secret: str | None,
+    force: bool,
+) -> None:
+    """Write a complete configuration with fresh secrets, and the signing key."""
+    from bastion.core.signing import SigningKey
+    from bastion.settings import parse_settings
+
+    if config_path.exists() and not force:
+        raise click.ClickException(f"{config_path} already exists; use --force to overwrite it")
+    data_dir = data_dir.resolve()
+    signing_key_path = data_dir / "signing.key"
+    config: dict[str, Any] = {
+        "server_name": server_name,
+        "data_dir": str(data_dir),
+        "signing_key_path": str(signing_key_path),
+        "listen": {"host": bind_host, "port": port},
+        "database": {"url": database_url or f"sqlite:///{data_dir / 'bastion.db'}"},
+        "registration": {"enabled": False, "require_token": True},
+    }
+    if registration_shared_secret is not None:
+        config["registration"]["shared_secret"] = registration_shared_secret
+    try:
+        parse_settings(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    if not signing_key_path.exists():
+        SigningKey.generate().write(signing_key_path)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    text = (
+        "# Bastion configuration, written by 'bastion init'. Every key: docs/configuration.md\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    click.echo(f"Wrote {config_path} (server name {server_name}, data in {data_dir}).")
+    click.echo("Registration is closed; create accounts with 'bastion user add'.")
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--host", default=None, help="Override listen.host.")
+@click.option("--port", default=None, type=click.IntRange(1, 65535), help="Override listen.port.")
+def serve(config_path: Path, host: str | None, port: int | None) -> None:
+    """Run the server in the foreground until SIGTERM or SIGINT."""
+    import uvicorn
+
+    from bastion.app import create_app
+
+    from bastion.app import load_signing_key
+
+    settings = _load(config_path)
+    _setup_logging(settings.logging.level)
+    try:
+        load_signing_key(settings)
+    except ConfigError as exc:
+        raise click.ClickException(f"bad configuration in {config_path}:\n{exc}") from None
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            loop = getattr(self, "_bastion_loop", None)
+            if loop is not None and app.hs is not None:
+                loop.call_soon_threadsafe(app.hs.begin_shutdown)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=host or settings.listen.host,
+        port=port or settings.listen.port,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level=settings.logging.level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
+        timeout_keep_alive=75,
+        server_header=False,
+        date_header=True,
+    )
+    server = Server(config)
+
+    async def run() -> None:
+        server._bastion_loop = asyncio.get_running_loop()  # type: ignore[attr-defined]
+        await server.serve()
+
+    if config.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(run())
+    else:  # pragma: no cover
+        asyncio.run(run())
+    if not server.started:
+        raise SystemExit(1)
+
+
+# -- users ----------------------------------------------------------------------------------------
+
+
+def _read_password(password_file: str | None, confirm: bool = True) -> tuple[str, bool]:
+    """(password, generated). ``-`` reads one line from stdin."""
+    if password_file == "-":
+        line = sys.stdin.readline().rstrip("\n")
+        if not line:
+            raise click.ClickException("no password on standard input")
+        return line, False
+    if password_file is not None:
+        return Path(password_file).read_text().rstrip("\n"), False
+    if sys.stdin.isatty():
+        return click.prompt("Password", hide_input=True, confirmation_prompt=confirm), False
+    return secrets.token_urlsafe(18), True
+
+
+def _run_with_db(config_path: Path, fn: Any) -> Any:
+    from bastion.app import open_migrated_database
+
+    settings = _load(config_path)
+    db = open_migrated_database(settings)
+    try:
+        return fn(settings, db)
+    finally:
+        asyncio.run(db.close())
+
+
+@main.group()
+def user() -> None:
+    """Create and manage accounts."""
+
+
+@user.command("add")
+@CONFIG_OPTION
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="Make the account a server administrator.")
+@click.option("--password-file", default=None, help="Read the password from a file ('-' for stdin). Default: prompt, or generate one.")
+@click.option("--displayname", default=None)
+def user_add(config_path: Path, name: str, admin: bool, password_file: str | None, displayname: str | None) -> None:
+    """Create the account NAME (a localpart such as 'alice')."""
+    from bastion.app import password_hasher
+    from bastion.clock import now_ms
+    from bastion.core.ids import is_valid_localpart
+    from bastion.storage import accounts as accounts_store
+
+    if not is_valid_localpart(name):
+        raise click.ClickException("user names may only contain a-z, 0-9 and ._=-/+")
+    password, generated = _read_password(password_file)
+
+    def create(settings: Any, db: Any) -> str:
+        if len(password) < settings.password_hashing.min_length:
+            raise click.ClickException(f"passwords must be at least {settings.password_hashing.min_length} characters")
+        user_id = f"@{name}:{settings.server_name}"
+        password_hash = password_hasher(settings).hash(password)
+        if not db.run_sync(accounts_store.insert_user, user_id, password_hash, admin, now_ms(), displayname or name):
+            raise click.ClickException(f"{user_id} already exists")
+        return user_id
+
+    user_id = _run_with_db(config_path, create)
+    click.echo(f"Created {user_id}{' (administrator)' if admin else ''}.")
+    if generated:
+        click.echo(f"Password (shown once, store it now): {password}")
+
+
+@user.command("passwd")
+@CONFIG_OPTION
+@click.argument("name")
+@click.option("--password-file", default=None, help="Read the new password from a file ('-' for stdin).")
+@click.option("--logout/--no-logout", default=True, show_default=True, help="End every session of the user.")
+def user_passwd(config_path: Path, name: str, password_file: str | None, logout: bool) -> None:
+    """Set a new password for NAME."""
+    from bastion.app import password_hasher
+    from bastion.clock import now_ms
+    from bastion.storage import accounts as accounts_store
+
+    password, generated = _read_password(password_file)
+
+    def change(settings: Any, db: Any) -> str:
+        if len(password) < settings.password_hashing.min_length:
+            raise click.ClickException(f"passwords must be at least {settings.password_hashing.min_length} characters")
+        user_id = name if name.startswith("@") else f"@{name}:{settings.server_name}"
+        password_hash = password_hasher(settings).hash(password)
+
+        def txn_fn(txn: Any) -> bool:
+            row = accounts_store.get_user(txn, user_id)
+            if row is None or row.is_deactivated:
+                return False
+            accounts_store.set_password_hash(txn, user_id, password_hash)
+            if logout:
+                accounts_store.delete_all_devices(txn, user_id)
+                accounts_store.add_signal(txn, "user_tokens", user_id, now_ms())
+            return True
+
+        if not db.run_sync(txn_fn):
+            raise click.ClickException(f"no active account {user_id}")
+        return user_id
+
+    user_id = _run_with_db(config_path, change)
+    click.echo(f"Password changed for {user_id}.")
+    if generated:
+        click.echo(f"New password (shown once): {password}")
+
+
+@user.command("deactivate")
+@CONFIG_OPTION
+@click.argument("name")
+@click.confirmation_option(prompt="Deactivate this account? It cannot be undone.")
+def user_deactivate(config_path: Path, name: str) -> None:
+    """Deactivate NAME: sessions end now, and the user leaves every room."""
+    from bastion.clock import now_ms
+    from bastion.services.deactivation import record_deactivation
+    from bastion.storage import accounts as accounts_store
+
+    def deactivate(settings: Any, db: Any) -> str:
+        user_id = name if name.startswith("@") else f"@{name}:{settings.server_name}"
+
+        def txn_fn(txn: Any) -> bool:
+            row = accounts_store.get_user(txn, user_id)
+            if row is None or row.is_deactivated:
+                return False
+            record_deactivation(txn, user_id, now_ms())
+            return True
+
+        if not db.run_sync(txn_fn):
+            raise click.ClickException(f"no active account {user_id}")
+        return user_id
+
+    user_id = _run_with_db(config_path, deactivate)
+    click.echo(f"Deactivated {user_id}. A running server removes it from its rooms within seconds; otherwise the next start does.")
+
+
+# -- registration tokens ------------------------------------------------------------------------
+
+
+@main.group("registration-token")
+def registration_token() -> None:
+    """Tokens that let people register when registration requires one."""
+
+
+@registration_token.command("create")
+@CONFIG_OPTION
+@click.option("--uses", type=click.IntRange(1), default=None, help="How many registrations it allows (default: unlimited).")
+@click.option("--expires-in-hours", type=click.FloatRange(0, min_open=True), default=None)
+def token_create(config_path: Path, uses: int | None, expires_in_hours: float | None) -> None:
+    """Create a registration token and print it."""
+    from bastion.clock import now_ms
+    from bastion.storage import accounts as accounts_store
+
+    token = secrets.token_urlsafe(12)
+    expiry = now_ms() + int(expires_in_hours * 3600 * 1000) if expires_in_hours else None
+    _run_with_db(config_path, lambda s, db: db.run_sync(accounts_store.insert_registration_token, token, uses, expiry))
+    click.echo(token)
+
+
+@registration_token.command("list")
+@CONFIG_OPTION
+def token_list(config_path: Path) -> None:
+    """List registration tokens and their use."""
+    from bastion.storage import accounts as accounts_store
+
+    tokens = _run_with_db(config_path, lambda s, db: db.run_sync(accounts_store.list_registration_tokens))
+    for t in tokens:
+        click.echo(f"{t.token}\tuses_allowed={t.uses_allowed}\tcompleted={t.completed}\texpiry_ts={t.expiry_ts}")
+
+
+@registration_token.command("delete")
+@CONFIG_OPTION
+@click.argument("token")
+def token_delete(config_path: Path, token: str) -> None:
+    """Delete a registration token."""
+    from bastion.storage import accounts as accounts_store
+
+    if not _run_with_db(config_path, lambda s, db: db.run_sync(accounts_store.delete_registration_token, token)):
+        raise click.ClickException("no such token")
+    click.echo("Deleted.")
+
+
+@main.command("check-config")
+@CONFIG_OPTION
+def check_config(config_path: Path) -> None:
+    """Validate a configuration file and exit."""
+    _load(config_path)
+    click.echo("Configuration is valid.")

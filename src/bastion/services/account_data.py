@@ -1,0 +1,63 @@
+"""Account data (global and per room), with its own position in the sync token.
+
+Writes are serialised with a lock so the stream position only ever moves forward
+over committed rows: a ``/sync`` that reads position *n* has every change up to *n*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+
+import orjson
+
+from bastion.storage import rooms as rooms_store
+from bastion.storage.database import Database
+from bastion.streams.notifier import Notifier
+
+
+@dataclass
+class AccountDataChanges:
+    global_: list[tuple[str, bytes]] = field(default_factory=list)
+    room: list[tuple[str, str, bytes]] = field(default_factory=list)
+
+
+class AccountDataService:
+    def __init__(self, db: Database, notifier: Notifier, last_stream_id: int) -> None:
+        self._db = db
+        self._notifier = notifier
+        self._last = last_stream_id
+        self._lock = asyncio.Lock()
+        # user -> newest account-data stream ID they have (unknown users: ask the DB)
+        self._latest_for_user: dict[str, int] = {}
+
+    async def put(self, user_id: str, room_id: str, data_type: str, content: dict[str, object]) -> None:
+        encoded = orjson.dumps(content)
+        async with self._lock:
+            stream_id = self._last + 1
+            await self._db.write(rooms_store.put_account_data, user_id, room_id, data_type, stream_id, encoded)
+            self._last = stream_id
+            self._latest_for_user[user_id] = stream_id
+            self._notifier.advance(replace(self._notifier.current, account_data=stream_id))
+            self._notifier.notify_users([user_id])
+
+    async def get(self, user_id: str, room_id: str, data_type: str) -> bytes | None:
+        return await self._db.read(rooms_store.get_account_data, user_id, room_id, data_type)
+
+    async def changes(self, user_id: str, after: int, upto: int) -> AccountDataChanges:
+        out = AccountDataChanges()
+        if after >= upto:
+            return out
+        latest = self._latest_for_user.get(user_id)
+        if latest is not None and latest <= after:
+            return out
+        rows = await self._db.read(rooms_store.account_data_since, user_id, after, upto)
+        for room_id, data_type, content in rows:
+            if room_id:
+                out.room.append((room_id, data_type, content))
+            else:
+                out.global_.append((data_type, content))
+        # An upper bound on the user's newest stream ID, so later syncs can skip the query.
+        bound = upto if rows else after
+        self._latest_for_user[user_id] = max(self._latest_for_user.get(user_id, 0), bound)
+        return out

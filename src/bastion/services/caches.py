@@ -1,0 +1,317 @@
+"""In-memory views of rooms and memberships that the hot paths read instead of SQL.
+
+* :class:`EventCache` — recently used events by ID. Every Event object handed out
+  goes through it, so one room event has one Python object, and a redaction that
+  prunes it is seen everywhere at once.
+* :class:`RoomSnapshot` — one room's current state, its newest events and its
+  history-visibility changes, with the lock that serialises event creation in the
+  room (the room's history is linear, so the lock is what keeps it so).
+* :class:`MembershipIndex` — per user, the rooms they are in and since when.
+
+All three are updated only after the database commit (by
+:class:`~bastion.services.persister.EventPersister`); each can be dropped and
+reloaded from the database at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bastion.core.events import Event, StateKey
+from bastion.core.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
+from bastion.core.visibility import normalise_visibility
+from bastion.storage import events as events_store
+from bastion.storage import rooms as rooms_store
+from bastion.storage.database import Database, Txn
+
+RECENT_EVENTS_PER_ROOM = 50
+
+
+class EventCache:
+    def __init__(self, db: Database, max_size: int = 50_000) -> None:
+        self._db = db
+        self._max = max_size
+        self._events: OrderedDict[str, Event] = OrderedDict()
+
+    def get_cached(self, event_id: str) -> Event | None:
+        event = self._events.get(event_id)
+        if event is not None:
+            self._events.move_to_end(event_id)
+        return event
+
+    def put(self, event: Event) -> Event:
+        """Insert ``event`` unless an object for it exists; returns the canonical object."""
+        existing = self._events.get(event.event_id)
+        if existing is not None:
+            self._events.move_to_end(event.event_id)
+            return existing
+        self._events[event.event_id] = event
+        if len(self._events) > self._max:
+            self._events.popitem(last=False)
+        return event
+
+    def canonical(self, events: Iterable[Event]) -> list[Event]:
+        return [self.put(e) for e in events]
+
+    async def get_many(self, event_ids: Iterable[str]) -> dict[str, Event]:
+        found: dict[str, Event] = {}
+        missing: list[str] = []
+        for eid in event_ids:
+            event = self.get_cached(eid)
+            if event is not None:
+                found[eid] = event
+            else:
+                missing.append(eid)
+        if missing:
+            loaded = await self._db.read(events_store.get_events, missing)
+            for eid, event in loaded.items():
+                found[eid] = self.put(event)
+        return found
+
+    async def get(self, event_id: str) -> Event | None:
+        return (await self.get_many([event_id])).get(event_id)
+
+
+class RoomSnapshot:
+    """The live view of one room. Mutated only by the persister, under ``lock``."""
+
+    def __init__(
+        self,
+        room_id: str,
+        version: RoomVersion,
+        state: dict[StateKey, Event],
+        latest_event_id: str | None,
+        depth: int,
+        last_stream: int,
+        recent: list[Event],
+        recent_floor: int,
+        visibility: list[tuple[int, str]],
+        last_event_by: dict[str, int] | None = None,
+    ) -> None:
+        self.room_id = room_id
+        self.version = version
+        self.state = state
+        self.latest_event_id = latest_event_id
+        self.depth = depth
+        self.last_stream = last_stream
+        self.recent: deque[Event] = deque(recent, maxlen=RECENT_EVENTS_PER_ROOM)
+        self.recent_floor = recent_floor
+        self.visibility = visibility
+        self.lock = asyncio.Lock()
+        # Newest stream position of each sender's events: a user's own message marks
+        # the room read up to it (until read receipts say more).
+        self.last_event_by: dict[str, int] = dict(last_event_by or {})
+        self.joined: set[str] = set()
+        self.invited: set[str] = set()
+        self._recount()
+
+    def _recount(self) -> None:
+        self.joined = {k[1] for k, e in self.state.items() if k[0] == "m.room.member" and e.membership == "join"}
+        self.invited = {k[1] for k, e in self.state.items() if k[0] == "m.room.member" and e.membership == "invite"}
+
+    def membership_of(self, user_id: str) -> str:
+        event = self.state.get(("m.room.member", user_id))
+        return (event.membership or "leave") if event is not None else "leave"
+
+    def apply(self, event: Event) -> None:
+        """Record a newly persisted event."""
+        self.latest_event_id = event.event_id
+        self.depth = max(self.depth, event.depth)
+        self.last_stream = event.stream_ordering
+        self.last_event_by[event.sender] = event.stream_ordering
+        if len(self.recent) == self.recent.maxlen:
+            self.recent_floor = self.recent[0].stream_ordering
+        self.recent.append(event)
+        if event.state_key is not None:
+            self.state[(event.type, event.state_key)] = event
+            if event.type == "m.room.member":
+                user = event.state_key
+                self.joined.discard(user)
+                self.invited.discard(user)
+                if event.membership == "join":
+                    self.joined.add(user)
+                elif event.membership == "invite":
+                    self.invited.add(user)
+            elif event.type == "m.room.history_visibility" and event.state_key == "":
+                self.visibility.append(
+                    (event.stream_ordering, normalise_visibility(event.content.get("history_visibility")))
+                )
+
+    def events_after(self, position: int, upto: int) -> list[Event] | None:
+        """Events with position < stream <= upto from memory, or None if not all are cached."""
+        if position < self.recent_floor:
+            return None
+        return [e for e in self.recent if position < e.stream_ordering <= upto]
+
+    def latest_events(self, limit: int, upto: int) -> list[Event] | None:
+        """The newest ``limit`` events at or before ``upto`` if memory holds them all."""
+        events = [e for e in self.recent if e.stream_ordering <= upto]
+        if len(events) >= limit:
+            return events[-limit:]
+        return events if self.recent_floor == 0 else None
+
+    def power_levels_content(self) -> dict[str, Any]:
+        event = self.state.get(("m.room.power_levels", ""))
+        return event.content if event is not None else {}
+
+
+def _load_room_txn(txn: Txn, room_id: str) -> tuple[Any, ...] | None:
+    room = rooms_store.get_room(txn, room_id)
+    if room is None:
+        return None
+    state_ids = events_store.get_current_state_ids(txn, room_id)
+    state_events = events_store.get_events(txn, list(state_ids.values()))
+    latest = events_store.latest_room_event(txn, room_id)
+    recent = events_store.get_room_events(txn, room_id, limit=RECENT_EVENTS_PER_ROOM, backwards=True)
+    recent.reverse()
+    visibility = events_store.get_visibility_history(txn, room_id)
+    last_by = events_store.last_event_by_sender(txn, room_id)
+    return room, state_ids, state_events, latest, recent, visibility, last_by
+
+
+class RoomCache:
+    """Loads :class:`RoomSnapshot` objects on first use and keeps the most recent ones."""
+
+    def __init__(self, db: Database, event_cache: EventCache, max_rooms: int = 5000) -> None:
+        self._db = db
+        self._events = event_cache
+        self._max = max_rooms
+        self._rooms: OrderedDict[str, RoomSnapshot] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[RoomSnapshot | None]] = {}
+
+    def cached(self, room_id: str) -> RoomSnapshot | None:
+        return self._rooms.get(room_id)
+
+    def add(self, snapshot: RoomSnapshot) -> None:
+        self._rooms[snapshot.room_id] = snapshot
+        self._evict()
+
+    def discard(self, room_id: str) -> None:
+        self._rooms.pop(room_id, None)
+
+    def _evict(self) -> None:
+        while len(self._rooms) > self._max:
+            for room_id, snap in self._rooms.items():
+                if not snap.lock.locked():
+                    del self._rooms[room_id]
+                    break
+            else:  # every room busy: keep them all for now
+                return
+
+    async def get(self, room_id: str) -> RoomSnapshot | None:
+        snap = self._rooms.get(room_id)
+        if snap is not None:
+            self._rooms.move_to_end(room_id)
+            return snap
+        pending = self._loading.get(room_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[RoomSnapshot | None] = asyncio.get_running_loop().create_future()
+        self._loading[room_id] = fut
+        try:
+            snap = await self._load(room_id)
+            fut.set_result(snap)
+            return snap
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            del self._loading[room_id]
+
+    async def _load(self, room_id: str) -> RoomSnapshot | None:
+        loaded = await self._db.read(_load_room_txn, room_id)
+        if loaded is None:
+            return None
+        room, state_ids, state_events, latest, recent, visibility, last_by = loaded
+        version = KNOWN_ROOM_VERSIONS[room.room_version]
+        state = {key: self._events.put(state_events[eid]) for key, eid in state_ids.items() if eid in state_events}
+        recent_events = self._events.canonical(recent)
+        floor = 0 if len(recent_events) < RECENT_EVENTS_PER_ROOM else recent_events[0].stream_ordering - 1
+        snap = RoomSnapshot(
+            room_id,
+            version,
+            state,
+            latest[0] if latest else None,
+            latest[1] if latest else 0,
+            latest[2] if latest else 0,
+            recent_events,
+            floor,
+            [(pos, normalise_visibility(v)) for pos, v in visibility],
+            last_by,
+        )
+        existing = self._rooms.get(room_id)
+        if existing is not None:  # created meanwhile (e.g. by createRoom)
+            return existing
+        self.add(snap)
+        return snap
+
+
+@dataclass(slots=True)
+class Membership:
+    membership: str
+    stream_ordering: int
+    event_id: str
+    forgotten: bool = False
+
+
+class MembershipIndex:
+    """Per user: room ID -> current membership. Loaded lazily, updated after commits."""
+
+    def __init__(self, db: Database, max_users: int = 100_000) -> None:
+        self._db = db
+        self._max = max_users
+        self._users: OrderedDict[str, dict[str, Membership]] = OrderedDict()
+        self._loading: dict[str, list[tuple[str, Membership]]] = {}
+        self._load_futures: dict[str, asyncio.Future[dict[str, Membership]]] = {}
+
+    async def rooms_for(self, user_id: str) -> dict[str, Membership]:
+        rooms = self._users.get(user_id)
+        if rooms is not None:
+            self._users.move_to_end(user_id)
+            return rooms
+        pending = self._load_futures.get(user_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[dict[str, Membership]] = asyncio.get_running_loop().create_future()
+        self._load_futures[user_id] = fut
+        self._loading[user_id] = []
+        try:
+            rows = await self._db.read(rooms_store.get_user_memberships, user_id)
+            rooms = {r.room_id: Membership(r.membership, r.stream_ordering, r.event_id, r.forgotten) for r in rows}
+            for room_id, update in self._loading.pop(user_id, []):
+                current = rooms.get(room_id)
+                if current is None or update.stream_ordering >= current.stream_ordering:
+                    rooms[room_id] = update
+            self._users[user_id] = rooms
+            while len(self._users) > self._max:
+                self._users.popitem(last=False)
+            fut.set_result(rooms)
+            return rooms
+        except BaseException as exc:
+            self._loading.pop(user_id, None)
+            fut.set_exception(exc)
+            fut.exception()
+            raise
+        finally:
+            del self._load_futures[user_id]
+
+    def apply(self, user_id: str, room_id: str, membership: str, stream_ordering: int, event_id: str) -> None:
+        update = Membership(membership, stream_ordering, event_id)
+        rooms = self._users.get(user_id)
+        if rooms is not None:
+            rooms[room_id] = update
+        elif user_id in self._loading:
+            self._loading[user_id].append((room_id, update))
+
+    def set_forgotten(self, user_id: str, room_id: str) -> None:
+        rooms = self._users.get(user_id)
+        if rooms is not None and room_id in rooms:
+            rooms[room_id].forgotten = True
+
+    def drop(self, user_id: str) -> None:
+        self._users.pop(user_id, None)

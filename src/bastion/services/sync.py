@@ -1,0 +1,529 @@
+"""``/sync``: initial and incremental sync, and the long-poll that waits for news.
+
+The response describes what changed between two tokens: ``since`` (from the client,
+or nothing for an initial sync) and the server's current token, read once at the
+start so every part of the response is cut at the same point. A user's rooms come
+from :class:`MembershipIndex`; a room's new events from its in-memory snapshot
+(falling back to the database for long gaps); events are serialised once and
+spliced into the response as :class:`orjson.Fragment` objects.
+
+An incremental sync with nothing to report waits on the :class:`Notifier` until
+something for the user is committed or the timeout passes, then computes again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from bastion.clock import now_ms
+from bastion.core.auth_rules import user_power_level
+from bastion.core.events import Event, StateKey
+from bastion.core.filters import EventFilter, Filter, apply_event_fields
+from bastion.core.notifications import classify
+from bastion.core.visibility import is_visible
+from bastion.services.account_data import AccountDataService
+from bastion.services.caches import EventCache, Membership, MembershipIndex, RoomCache, RoomSnapshot
+from bastion.services.requester import Requester
+from bastion.storage import events as events_store
+from bastion.storage.database import Database
+from bastion.streams.notifier import Notifier
+from bastion.streams.tokens import StreamToken
+
+MAX_DB_SCAN_ROUNDS = 5
+UNREAD_SCAN_LIMIT = 1000
+
+
+@dataclass
+class SyncRequest:
+    requester: Requester
+    since: StreamToken | None
+    timeout_ms: int
+    filter: Filter
+    full_state: bool = False
+    use_state_after: bool = False
+    timeline_limit: int = 10
+
+
+@dataclass
+class _Unread:
+    read_pos: int
+    counted_upto: int
+    notifications: int = 0
+    highlights: int = 0
+
+
+@dataclass
+class _RoomCtx:
+    """Per-request working data for one room."""
+
+    room: RoomSnapshot
+    membership: Membership
+    upto: int
+    history: list[tuple[int, str]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SyncService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        rooms: RoomCache,
+        event_cache: EventCache,
+        memberships: MembershipIndex,
+        notifier: Notifier,
+        account_data: AccountDataService,
+        max_timeout_ms: int,
+        timeline_limit_max: int,
+    ) -> None:
+        self._db = db
+        self._rooms = rooms
+        self._cache = event_cache
+        self._memberships = memberships
+        self._notifier = notifier
+        self._account_data = account_data
+        self._max_timeout_ms = max_timeout_ms
+        self._timeline_limit_max = timeline_limit_max
+        self._unread: OrderedDict[tuple[str, str], _Unread] = OrderedDict()
+        self._sent_members: OrderedDict[tuple[str, str | None], dict[str, dict[str, str]]] = OrderedDict()
+
+    # -- entry point ----------------------------------------------------------------------
+
+    async def sync(self, req: SyncRequest) -> bytes:
+        user = req.requester.user_id
+        timeout_s = min(max(req.timeout_ms, 0), self._max_timeout_ms) / 1000
+        deadline = time.monotonic() + timeout_s
+        since = req.since
+        if since is not None:
+            since = since.min(self._notifier.current)
+        while True:
+            rooms_map = await self._memberships.rooms_for(user)
+            # No await between reading the token and copying the membership map: both
+            # describe the same instant.
+            token = self._notifier.current
+            memberships = dict(rooms_map)
+            response, has_data = await self._compute(req, since, token, memberships)
+            remaining = deadline - time.monotonic()
+            if has_data or since is None or req.full_state or remaining <= 0:
+                return response
+            if not await self._notifier.wait_for(user, token, remaining):
+                return response  # timed out (or the server is shutting down)
+
+    # -- computing one response ----------------------------------------------------------------
+
+    async def _compute(
+        self, req: SyncRequest, since: StreamToken | None, token: StreamToken, memberships: dict[str, Membership]
+    ) -> tuple[bytes, bool]:
+        user = req.requester.user_id
+        room_filter = req.filter.room
+        limit = max(1, min(req.filter.room.timeline.limit or req.timeline_limit, self._timeline_limit_max))
+        now = now_ms()
+        join: dict[str, Any] = {}
+        invite: dict[str, Any] = {}
+        leave: dict[str, Any] = {}
+        since_pos = since.events if since is not None else None
+        device_key = (user, req.requester.device_id) if req.requester.device_id else None
+        lazy_cache_key = (user, req.requester.device_id)
+        if since is None or req.full_state:
+            self._sent_members.pop(lazy_cache_key, None)
+
+        account_changes = await self._account_data.changes(user, since.account_data if since else 0, token.account_data)
+        room_account_data: dict[str, list[dict[str, Any]]] = {}
+        for room_id, data_type, content in account_changes.room:
+            room_account_data.setdefault(room_id, []).append({"type": data_type, "content": orjson.Fragment(content)})
+
+        for room_id, m in memberships.items():
+            if m.forgotten or not room_filter.allows_room(room_id):
+                continue
+            changed = since_pos is None or m.stream_ordering > since_pos
+            if m.stream_ordering > token.events:
+                continue  # the change is newer than this response; the next sync reports it
+            if m.membership == "join":
+                room = await self._rooms.get(room_id)
+                if room is None:
+                    continue
+                ctx = _RoomCtx(room, m, token.events)
+                if changed or req.full_state:
+                    body = await self._room_full(req, ctx, None if changed else since_pos, limit, now, device_key)
+                else:
+                    if room.last_stream <= since_pos and room_id not in room_account_data:  # type: ignore[operator]
+                        continue
+                    body = await self._room_incremental(req, ctx, since_pos, limit, now, device_key)  # type: ignore[arg-type]
+                if body is None and room_id not in room_account_data:
+                    continue
+                body = body or self._empty_joined(since_pos)
+                body["account_data"] = {"events": room_account_data.get(room_id, [])}
+                await self._add_summary_and_counts(body, ctx, user)
+                join[room_id] = body
+            elif m.membership == "invite":
+                if not changed:
+                    continue
+                room = await self._rooms.get(room_id)
+                if room is None:
+                    continue
+                invite[room_id] = {"invite_state": {"events": await self._invite_state(room, m)}}
+            elif m.membership in ("leave", "ban"):
+                if since_pos is None and not room_filter.include_leave:
+                    continue
+                if not changed:
+                    continue
+                room = await self._rooms.get(room_id)
+                if room is None:
+                    continue
+                ctx = _RoomCtx(room, m, min(token.events, m.stream_ordering))
+                body = await self._room_leave(req, ctx, since_pos, limit, now, device_key)
+                body["account_data"] = {"events": room_account_data.get(room_id, [])}
+                leave[room_id] = body
+
+        response: dict[str, Any] = {"next_batch": token.encode()}
+        rooms_section: dict[str, Any] = {}
+        if join:
+            rooms_section["join"] = join
+        if invite:
+            rooms_section["invite"] = invite
+        if leave:
+            rooms_section["leave"] = leave
+        response["rooms"] = rooms_section
+        global_events = [
+            {"type": t, "content": orjson.Fragment(c)}
+            for t, c in account_changes.global_
+            if req.filter.account_data.allows(t, None)
+        ]
+        response["account_data"] = {"events": global_events}
+        response["presence"] = {"events": []}
+        has_data = bool(join or invite or leave or global_events)
+        return orjson.dumps(response), has_data
+
+    # -- rooms ------------------------------------------------------------------------------------
+
+    def _empty_joined(self, since_pos: int | None) -> dict[str, Any]:
+        return {
+            "timeline": {"events": [], "limited": False, "prev_batch": StreamToken(events=since_pos or 0).encode()},
+            "state": {"events": []},
+            "ephemeral": {"events": []},
+        }
+
+    async def _history(self, ctx: _RoomCtx, user: str) -> list[tuple[int, str]]:
+        if ctx.history is None:
+            ctx.history = await self._db.read(events_store.get_membership_history, ctx.room.room_id, user)
+        return ctx.history
+
+    async def _visible(self, ctx: _RoomCtx, user: str, event: Event) -> bool:
+        m = ctx.membership
+        if m.membership == "join" and event.stream_ordering > m.stream_ordering:
+            return True
+        history = await self._history(ctx, user)
+        return is_visible(event, user, history, ctx.room.visibility)
+
+    async def _timeline(
+        self, ctx: _RoomCtx, user: str, lower: int | None, tfilter: EventFilter, limit: int
+    ) -> tuple[list[Event], bool]:
+        """Up to ``limit`` visible, filtered events in (lower, upto], and whether more exist."""
+        room = ctx.room
+        low = lower or 0
+        picked: list[Event] = []  # newest first
+        reached_low = False
+        for event in reversed(room.recent):
+            if event.stream_ordering > ctx.upto:
+                continue
+            if event.stream_ordering <= low:
+                reached_low = True
+                break
+            if tfilter.allows_event(event) and await self._visible(ctx, user, event):
+                picked.append(event)
+                if len(picked) > limit:
+                    picked.pop()
+                    picked.reverse()
+                    return picked, True
+        limited = False
+        position = min(room.recent_floor, ctx.upto)
+        if not reached_low and position > low:
+            batch = limit * 2 + 10
+            for _ in range(MAX_DB_SCAN_ROUNDS):
+                chunk = await self._db.read(
+                    events_store.get_room_events, room.room_id, after=low, upto=position, limit=batch, backwards=True
+                )
+                for event in self._cache.canonical(chunk):
+                    position = event.stream_ordering - 1
+                    if tfilter.allows_event(event) and await self._visible(ctx, user, event):
+                        picked.append(event)
+                        if len(picked) > limit:
+                            picked.pop()
+                            picked.reverse()
+                            return picked, True
+                if len(chunk) < batch:
+                    break
+            else:
+                limited = position > low
+        picked.reverse()
+        return picked, limited
+
+    async def _state_at(self, room: RoomSnapshot, position: int, keys: set[StateKey] | None = None) -> dict[StateKey, Event]:
+        if position >= room.last_stream:
+            state = room.state
+            if keys is None:
+                return dict(state)
+            return {k: state[k] for k in keys if k in state}
+        ids = await self._db.read(events_store.get_state_ids_at, room.room_id, position, list(keys) if keys is not None else None)
+        found = await self._cache.get_many(ids.values())
+        return {k: found[eid] for k, eid in ids.items() if eid in found}
+
+    def _serialise(self, events: list[Event], req: SyncRequest, now: int, device_key: tuple[str, str] | None) -> list[Any]:
+        flt = req.filter
+        if not flt.needs_custom_serialisation:
+            return [e.client_fragment(now, device_key) for e in events]
+        out = []
+        for e in events:
+            data = e.federation_dict() if flt.event_format == "federation" else orjson.loads(e.client_bytes(now, device_key))
+            if flt.event_fields is not None:
+                data = apply_event_fields(data, flt.event_fields)
+            out.append(data)
+        return out
+
+    def _lazy_members(
+        self,
+        req: SyncRequest,
+        room: RoomSnapshot,
+        state: dict[StateKey, Event],
+        timeline: list[Event],
+        must_include: set[str],
+    ) -> dict[StateKey, Event]:
+        """Apply lazy-loading to a state map: keep non-member state and the members needed."""
+        sfilter = req.filter.room.state
+        if not sfilter.lazy_load_members:
+            return state
+        wanted = {e.sender for e in timeline} | must_include
+        key = (req.requester.user_id, req.requester.device_id)
+        sent_rooms = self._sent_members.get(key)
+        if sent_rooms is None:
+            sent_rooms = {}
+            self._sent_members[key] = sent_rooms
+            if len(self._sent_members) > 10_000:
+                self._sent_members.popitem(last=False)
+        sent = sent_rooms.setdefault(room.room_id, {})
+        out: dict[StateKey, Event] = {}
+        for k, event in state.items():
+            if k[0] != "m.room.member":
+                out[k] = event
+                continue
+            if k[1] not in wanted:
+                continue
+            if not sfilter.include_redundant_members and sent.get(k[1]) == event.event_id and k[1] not in must_include:
+                continue
+            out[k] = event
+            sent[k[1]] = event.event_id
+        for event in timeline:
+            if event.type == "m.room.member" and event.state_key is not None:
+                sent[event.state_key] = event.event_id
+        return out
+
+    def _filter_state(self, req: SyncRequest, state: dict[StateKey, Event]) -> list[Event]:
+        sfilter = req.filter.room.state
+        return [e for e in state.values() if sfilter.allows_event(e)]
+
+    async def _missing_members(self, req: SyncRequest, room: RoomSnapshot, position: int, timeline: list[Event], must: set[str]) -> dict[StateKey, Event]:
+        """Member events for lazy-loading that a partial state map does not already hold."""
+        if not req.filter.room.state.lazy_load_members:
+            return {}
+        users = {e.sender for e in timeline} | must
+        return await self._state_at(room, position, {("m.room.member", u) for u in users})
+
+    async def _room_full(
+        self,
+        req: SyncRequest,
+        ctx: _RoomCtx,
+        since_pos: int | None,
+        limit: int,
+        now: int,
+        device_key: tuple[str, str] | None,
+    ) -> dict[str, Any]:
+        """A room the client knows nothing about (initial sync, new join) or full_state."""
+        user = req.requester.user_id
+        room = ctx.room
+        timeline, limited = await self._timeline(ctx, user, since_pos, req.filter.room.timeline, limit)
+        start = timeline[0].stream_ordering - 1 if timeline else ctx.upto
+        must = {user} | set(self._heroes(room, user))
+        body: dict[str, Any] = {
+            "timeline": {
+                "events": self._serialise(timeline, req, now, device_key),
+                "limited": limited,
+                "prev_batch": StreamToken(events=start).encode(),
+            },
+            "ephemeral": {"events": []},
+        }
+        if req.use_state_after:
+            state = await self._state_at(room, ctx.upto)
+            state = self._lazy_members(req, room, state, timeline, must)
+            body["state_after"] = {"events": self._serialise(self._filter_state(req, state), req, now, device_key)}
+        else:
+            state = await self._state_at(room, start)
+            in_timeline = {e.event_id for e in timeline}
+            state = {k: e for k, e in state.items() if e.event_id not in in_timeline}
+            state = self._lazy_members(req, room, state, timeline, must)
+            body["state"] = {"events": self._serialise(self._filter_state(req, state), req, now, device_key)}
+        return body
+
+    async def _room_incremental(
+        self,
+        req: SyncRequest,
+        ctx: _RoomCtx,
+        since_pos: int,
+        limit: int,
+        now: int,
+        device_key: tuple[str, str] | None,
+    ) -> dict[str, Any] | None:
+        user = req.requester.user_id
+        room = ctx.room
+        timeline, limited = await self._timeline(ctx, user, since_pos, req.filter.room.timeline, limit)
+        if not timeline and not limited:
+            return None
+        start = timeline[0].stream_ordering - 1 if timeline else ctx.upto
+        state: dict[StateKey, Event] = {}
+        if req.use_state_after:
+            keys = await self._db.read(events_store.get_state_keys_changed, room.room_id, since_pos, ctx.upto)
+            if keys:
+                state = await self._state_at(room, ctx.upto, keys)
+            state = self._lazy_members(req, room, state, timeline, set())
+            key_name = "state_after"
+        else:
+            if limited and start > since_pos:
+                keys = await self._db.read(events_store.get_state_keys_changed, room.room_id, since_pos, start)
+                gap_members = {k[1] for k in keys if k[0] == "m.room.member"}
+                if keys:
+                    state = await self._state_at(room, start, keys)
+                if req.filter.room.state.lazy_load_members:
+                    state.update(await self._missing_members(req, room, start, timeline, set()))
+                state = self._lazy_members(req, room, state, timeline, gap_members)
+            else:
+                self._lazy_members(req, room, {}, timeline, set())
+            key_name = "state"
+        return {
+            "timeline": {
+                "events": self._serialise(timeline, req, now, device_key),
+                "limited": limited,
+                "prev_batch": StreamToken(events=start).encode(),
+            },
+            key_name: {"events": self._serialise(self._filter_state(req, state), req, now, device_key)},
+            "ephemeral": {"events": []},
+        }
+
+    async def _room_leave(
+        self,
+        req: SyncRequest,
+        ctx: _RoomCtx,
+        since_pos: int | None,
+        limit: int,
+        now: int,
+        device_key: tuple[str, str] | None,
+    ) -> dict[str, Any]:
+        user = req.requester.user_id
+        room = ctx.room
+        timeline, limited = await self._timeline(ctx, user, since_pos, req.filter.room.timeline, limit)
+        start = timeline[0].stream_ordering - 1 if timeline else ctx.upto
+        if since_pos is None:
+            state = await self._state_at(room, start)
+        else:
+            keys = await self._db.read(events_store.get_state_keys_changed, room.room_id, since_pos, start)
+            state = await self._state_at(room, start, keys) if keys else {}
+        if req.use_state_after:
+            key_name = "state_after"
+            if since_pos is None:
+                state = await self._state_at(room, ctx.upto)
+            else:
+                keys = await self._db.read(events_store.get_state_keys_changed, room.room_id, since_pos, ctx.upto)
+                state = await self._state_at(room, ctx.upto, keys) if keys else {}
+        else:
+            key_name = "state"
+            in_timeline = {e.event_id for e in timeline}
+            state = {k: e for k, e in state.items() if e.event_id not in in_timeline}
+        state = self._lazy_members(req, room, state, timeline, {user})
+        return {
+            "timeline": {
+                "events": self._serialise(timeline, req, now, device_key),
+                "limited": limited,
+                "prev_batch": StreamToken(events=start).encode(),
+            },
+            key_name: {"events": self._serialise(self._filter_state(req, state), req, now, device_key)},
+        }
+
+    async def _invite_state(self, room: RoomSnapshot, m: Membership) -> list[dict[str, Any]]:
+        state = await self._state_at(room, m.stream_ordering)
+        out = []
+        for key in (
+            ("m.room.create", ""),
+            ("m.room.name", ""),
+            ("m.room.avatar", ""),
+            ("m.room.topic", ""),
+            ("m.room.join_rules", ""),
+            ("m.room.canonical_alias", ""),
+            ("m.room.encryption", ""),
+        ):
+            event = state.get(key)
+            if event is not None:
+                out.append(event.stripped())
+        invite_event = await self._cache.get(m.event_id)
+        if invite_event is not None:
+            sender_member = state.get(("m.room.member", invite_event.sender))
+            if sender_member is not None:
+                out.append(sender_member.stripped())
+            out.append(invite_event.stripped())
+        return out
+
+    # -- summaries and unread counts -------------------------------------------------------------
+
+    def _heroes(self, room: RoomSnapshot, user: str) -> list[str]:
+        members = [
+            (e.stream_ordering, k[1], e.membership)
+            for k, e in room.state.items()
+            if k[0] == "m.room.member" and k[1] != user
+        ]
+        members.sort()
+        active = [u for _, u, m in members if m in ("join", "invite")]
+        if active:
+            return active[:5]
+        return [u for _, u, m in members if m in ("leave", "ban")][:5]
+
+    async def _add_summary_and_counts(self, body: dict[str, Any], ctx: _RoomCtx, user: str) -> None:
+        room = ctx.room
+        body["summary"] = {
+            "m.heroes": self._heroes(room, user),
+            "m.joined_member_count": len(room.joined),
+            "m.invited_member_count": len(room.invited),
+        }
+        notifications, highlights = await self._unread_counts(room, user, ctx.upto)
+        body["unread_notifications"] = {"notification_count": notifications, "highlight_count": highlights}
+
+    async def _unread_counts(self, room: RoomSnapshot, user: str, upto: int) -> tuple[int, int]:
+        read_pos = room.last_event_by.get(user, 0)
+        key = (user, room.room_id)
+        entry = self._unread.get(key)
+        if entry is None or entry.read_pos != read_pos or entry.counted_upto > upto:
+            entry = _Unread(read_pos=read_pos, counted_upto=read_pos)
+        if entry.counted_upto < upto:
+            events = room.events_after(entry.counted_upto, upto)
+            if events is None:
+                rows = await self._db.read(
+                    events_store.get_room_events, room.room_id, after=entry.counted_upto, upto=upto,
+                    limit=UNREAD_SCAN_LIMIT, backwards=True,
+                )
+                events = list(reversed(rows))
+            room_level = 50
+            pl = room.state.get(("m.room.power_levels", ""))
+            notif_levels = pl.content.get("notifications") if pl is not None else None
+            if isinstance(notif_levels, dict) and type(notif_levels.get("room")) is int:
+                room_level = notif_levels["room"]
+            for event in events:
+                notify, highlight = classify(event, user, user_power_level(event.sender, room.state), room_level)
+                entry.notifications += notify
+                entry.highlights += highlight
+            entry.counted_upto = upto
+        self._unread[key] = entry
+        self._unread.move_to_end(key)
+        if len(self._unread) > 200_000:
+            self._unread.popitem(last=False)
+        return entry.notifications, entry.highlights

@@ -1,0 +1,207 @@
+"""Bastion's configuration: one frozen, typed object loaded from a YAML file.
+
+Every key is declared here with its type, default and constraints (pydantic), so a
+bad config fails at start-up with a message that names the key and what is wrong,
+for example ``config key 'database.pool_size': Input should be greater than 0``.
+Unknown keys are errors too — a typo must not silently fall back to a default.
+
+Secrets can live in separate files (``*_file`` keys) so the main config can be
+shared or committed without them. ``docs/configuration.md`` documents every key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bastion.core.ids import is_valid_server_name
+from bastion.core.room_versions import KNOWN_ROOM_VERSIONS
+from bastion.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8008
+
+
+class DatabaseSettings(_Section):
+    url: str | None = None
+    url_file: Path | None = None
+    pool_size: Annotated[int, Field(gt=0, le=200)] = 10
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
+    sqlite_readers: Annotated[int, Field(gt=0, le=32)] = 2
+
+    @model_validator(mode="after")
+    def _one_url(self) -> DatabaseSettings:
+        if self.url is None and self.url_file is None:
+            raise ValueError("set 'url' (or 'url_file')")
+        if self.url is not None and self.url_file is not None:
+            raise ValueError("set only one of 'url' and 'url_file'")
+        return self
+
+    def resolved_url(self) -> str:
+        if self.url is not None:
+            return self.url
+        assert self.url_file is not None
+        return self.url_file.read_text().strip()
+
+    @property
+    def dialect(self) -> Literal["sqlite", "postgres"]:
+        url = self.resolved_url()
+        return "sqlite" if url.startswith("sqlite:") else "postgres"
+
+
+class RegistrationSettings(_Section):
+    enabled: bool = False
+    require_token: bool = True
+    shared_secret: str | None = None
+    shared_secret_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _secret(self) -> RegistrationSettings:
+        if self.shared_secret is not None and self.shared_secret_file is not None:
+            raise ValueError("set only one of 'shared_secret' and 'shared_secret_file'")
+        if self.shared_secret is not None and len(self.shared_secret) < 16:
+            raise ValueError("'shared_secret' must be at least 16 characters")
+        return self
+
+    def resolved_shared_secret(self) -> str | None:
+        if self.shared_secret_file is not None:
+            return self.shared_secret_file.read_text().strip() or None
+        return self.shared_secret
+
+
+class PasswordHashingSettings(_Section):
+    """argon2id cost. Defaults are RFC 9106's second recommended option (64 MiB)."""
+
+    time_cost: Annotated[int, Field(ge=1, le=20)] = 3
+    memory_kib: Annotated[int, Field(ge=8, le=4 * 1024 * 1024)] = 65536
+    parallelism: Annotated[int, Field(ge=1, le=64)] = 4
+    min_length: Annotated[int, Field(ge=1, le=256)] = 8
+
+
+class LimitsSettings(_Section):
+    max_request_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    sync_max_timeout_ms: Annotated[int, Field(ge=0, le=600_000)] = 60_000
+    timeline_limit_default: Annotated[int, Field(ge=1, le=1000)] = 10
+    timeline_limit_max: Annotated[int, Field(ge=1, le=1000)] = 100
+    messages_limit_max: Annotated[int, Field(ge=1, le=1000)] = 1000
+
+
+class AdminApiSettings(_Section):
+    """The Synapse-compatible admin endpoints (``/_synapse/admin``)."""
+
+    enabled: bool = True
+    allowed_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{net!r} is not an IP network") from exc
+        return value
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = False
+
+
+class WellKnownSettings(_Section):
+    client_base_url: str | None = None
+
+
+class Settings(_Section):
+    server_name: str
+    data_dir: Path
+    signing_key_path: Path
+    listen: ListenSettings = Field(default_factory=ListenSettings)
+    database: DatabaseSettings
+    registration: RegistrationSettings = Field(default_factory=RegistrationSettings)
+    password_hashing: PasswordHashingSettings = Field(default_factory=PasswordHashingSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    admin_api: AdminApiSettings = Field(default_factory=AdminApiSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    well_known: WellKnownSettings = Field(default_factory=WellKnownSettings)
+    trusted_proxies: list[str] = Field(default_factory=list)
+    default_room_version: str = "10"
+    shutdown_grace_seconds: Annotated[float, Field(ge=0, le=600)] = 10.0
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, value: str) -> str:
+        if not is_valid_server_name(value):
+            raise ValueError("must be a hostname with an optional port, e.g. 'example.org'")
+        return value
+
+    @field_validator("default_room_version")
+    @classmethod
+    def _room_version(cls, value: str) -> str:
+        if value not in KNOWN_ROOM_VERSIONS:
+            raise ValueError(f"supported room versions are {sorted(KNOWN_ROOM_VERSIONS)}")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{net!r} is not an IP network") from exc
+        return value
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against docs/configuration.md)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"config key '{loc}': {msg}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: Any, base_dir: Path | None = None) -> Settings:
+    if not isinstance(data, dict):
+        raise ConfigError("the config file must contain a YAML mapping of keys to values")
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    # Resolve secrets eagerly so a missing secret file fails at start-up, not later.
+    try:
+        settings.database.resolved_url()
+        settings.registration.resolved_shared_secret()
+    except OSError as exc:
+        raise ConfigError(f"cannot read a secret file: {exc}") from None
+    url = settings.database.resolved_url()
+    if not (url.startswith("sqlite:") or url.startswith(("postgresql://", "postgres://"))):
+        raise ConfigError("config key 'database.url': must start with sqlite:/// or postgresql://")
+    return settings
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return parse_settings(data, path.parent)

@@ -1,0 +1,265 @@
+"""Database access: one code path for SQLite and PostgreSQL.
+
+Storage functions are plain synchronous functions ``fn(txn, *args)`` that run inside
+one transaction on a worker thread; the event loop awaits them with
+:meth:`Database.read` or :meth:`Database.write`. This is the model Synapse uses
+(``runInteraction``): the SQL is ordinary DB-API code that both drivers run, and a
+whole unit of work costs a single hop to a thread, however many statements it has.
+
+SQL is written with ``?`` placeholders and the subset of SQL both engines accept
+(``INSERT ... ON CONFLICT``, ``RETURNING``, partial indexes). :class:`Txn` rewrites
+placeholders for psycopg. Where the dialects really differ, ``txn.dialect`` says
+which one is running.
+
+SQLite: one writer connection on one thread (SQLite has a single writer anyway)
+and a few reader connections (WAL mode lets them read while the writer writes).
+PostgreSQL: a psycopg connection pool, one thread per connection.
+
+Drivers: the standard library's ``sqlite3`` and ``psycopg`` 3 (the maintained
+PostgreSQL driver with a C speed-up, a real pool and server-side prepared
+statements).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, ParamSpec, TypeVar
+
+from bastion.errors import StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+Dialect = Literal["sqlite", "postgres"]
+
+
+@functools.lru_cache(maxsize=2048)
+def _to_psycopg(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class Txn:
+    """A cursor inside one transaction. Placeholders are ``?`` on both backends."""
+
+    __slots__ = ("_cursor", "after_commit", "dialect")
+
+    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+        self._cursor = cursor
+        self.dialect: Dialect = dialect
+        self.after_commit: list[Callable[[], None]] = []
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.dialect == "sqlite" else _to_psycopg(sql)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self._cursor.execute(self._sql(sql), params)
+        return self._cursor.rowcount
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            self._cursor.executemany(self._sql(sql), rows)
+
+    def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        self._cursor.execute(self._sql(sql), params)
+        return self._cursor.fetchone()
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self._cursor.execute(self._sql(sql), params)
+        return self._cursor.fetchall()
+
+    def fetchval(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = self.fetchone(sql, params)
+        return row[0] if row is not None else None
+
+    def savepoint(self, name: str) -> None:
+        self._cursor.execute(f"SAVEPOINT {name}")
+
+    def release_savepoint(self, name: str) -> None:
+        self._cursor.execute(f"RELEASE SAVEPOINT {name}")
+
+    def rollback_to_savepoint(self, name: str) -> None:
+        self._cursor.execute(f"ROLLBACK TO SAVEPOINT {name}")
+
+    def in_list(self, values: Sequence[Any]) -> str:
+        """Placeholders for an IN (...) list of ``len(values)`` items."""
+        return ",".join("?" * len(values))
+
+
+class Database:
+    """Runs transactions on worker threads. Subclasses implement one engine each."""
+
+    dialect: Dialect
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        raise NotImplementedError
+
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        raise NotImplementedError
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a write transaction from synchronous code (the CLI)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+# -- SQLite -----------------------------------------------------------------------------
+
+
+class SqliteDatabase(Database):
+    dialect: Dialect = "sqlite"
+
+    def __init__(self, path: Path, *, synchronous: str = "normal", readers: int = 2) -> None:
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self._local = threading.local()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-w")
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sqlite-r")
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA cache_size=-65536")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    def _run(self, write: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        conn = self._connection()
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        txn = Txn(cur, "sqlite")
+        try:
+            result = fn(txn, *args, **kwargs)
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+        for callback in txn.after_commit:
+            callback()
+        return result
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, functools.partial(self._run, False, fn, *args, **kwargs))
+
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, functools.partial(self._run, True, fn, *args, **kwargs))
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._writer.submit(self._run, True, fn, *args).result()
+
+    async def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for conn in self._connections:
+                try:
+                    conn.close()
+                except sqlite3.Error:  # pragma: no cover
+                    pass
+            self._connections.clear()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+
+class PostgresDatabase(Database):
+    dialect: Dialect = "postgres"
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self._psycopg = psycopg
+        self.url = url
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": False, "prepare_threshold": 3},
+            open=False,
+            name="bastion",
+        )
+        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="pg")
+
+    def open(self, timeout: float = 30.0) -> None:
+        self._pool.open(wait=True, timeout=timeout)
+
+    def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        psycopg = self._psycopg
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                with self._pool.connection() as conn:
+                    txn: Txn | None = None
+                    with conn.transaction(), conn.cursor() as cur:
+                        txn = Txn(cur, "postgres")
+                        result = fn(txn, *args, **kwargs)
+                    for callback in txn.after_commit:
+                        callback()
+                    return result
+            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
+                if attempts >= 5:
+                    raise
+                log.info("retrying transaction %s after a serialisation failure", getattr(fn, "__name__", fn))
+            except psycopg.OperationalError as exc:
+                raise StorageUnavailable(f"the database is unavailable: {exc.__class__.__name__}") from exc
+            except Exception as exc:
+                if exc.__class__.__name__ == "PoolTimeout":
+                    raise StorageUnavailable("the database is unavailable: no connection") from exc
+                raise
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(self._run, fn, *args, **kwargs))
+
+    write = read
+
+    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._run(fn, *args)
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._pool.close()
+
+
+def sqlite_path_from_url(url: str) -> Path:
+    if not url.startswith("sqlite:///"):
+        raise ValueError("SQLite URLs look like sqlite:///absolute/path.db or sqlite:///relative.db")
+    return Path(url[len("sqlite:///"):])
+
+
+def open_database(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "normal", sqlite_readers: int = 2) -> Database:
+    """Open (but do not migrate) the database named by ``url``."""
+    if url.startswith("sqlite:"):
+        return SqliteDatabase(sqlite_path_from_url(url), synchronous=sqlite_synchronous, readers=sqlite_readers)
+    db = PostgresDatabase(url, pool_size=pool_size)
+    try:
+        db.open()
+    except Exception as exc:
+        raise StorageUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+    return db

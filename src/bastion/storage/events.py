@@ -1,0 +1,285 @@
+"""Room events and room state in the database.
+
+The signed event is one opaque JSON blob (``events.json``); the fields queries need
+are columns: room, stream position, type, state key, sender, membership, relation.
+That is what lets encryption at rest wrap the blob later without touching queries.
+
+State is not copied per event: the state of a room after stream position *p* is,
+for each (type, state_key), the state event with the highest stream ordering <= p.
+``current_state`` holds the answer for "now" so the common case is one lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from bastion.core.events import Event, StateKey, redact_pdu
+from bastion.core.room_versions import KNOWN_ROOM_VERSIONS
+from bastion.storage.database import Txn
+
+_EVENT_COLUMNS = (
+    "e.stream_ordering, e.event_id, e.json, e.txn_id, e.txn_device_id, e.replaces_state, "
+    "e.unsigned_static, e.redacted_by, r.room_version"
+)
+_FROM = "events e JOIN rooms r ON r.room_id = e.room_id"
+
+
+def _row_to_event(row: Sequence[Any]) -> Event:
+    unsigned = orjson.loads(row[6]) if row[6] is not None else None
+    return Event(
+        orjson.loads(row[2]),
+        row[1],
+        KNOWN_ROOM_VERSIONS[row[8]],
+        stream_ordering=row[0],
+        txn_id=row[3],
+        txn_device_id=row[4],
+        replaces_state=row[5],
+        unsigned_static=unsigned,
+    )
+
+
+def _load_rows(txn: Txn, rows: list[Sequence[Any]]) -> list[Event]:
+    events = [_row_to_event(r) for r in rows]
+    redactions: dict[str, list[Event]] = {}
+    for row, event in zip(rows, events, strict=True):
+        if row[7] is not None:
+            redactions.setdefault(row[7], []).append(event)
+    if redactions:
+        for redaction in get_events(txn, list(redactions)).values():
+            for event in redactions[redaction.event_id]:
+                event.redacted_because = redaction
+    return events
+
+
+def get_events(txn: Txn, event_ids: Sequence[str]) -> dict[str, Event]:
+    out: dict[str, Event] = {}
+    ids = list(dict.fromkeys(event_ids))
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        rows = txn.fetchall(
+            f"SELECT {_EVENT_COLUMNS} FROM {_FROM} WHERE e.event_id IN ({txn.in_list(chunk)})", chunk
+        )
+        for event in _load_rows(txn, rows):
+            out[event.event_id] = event
+    return out
+
+
+def get_room_events(
+    txn: Txn,
+    room_id: str,
+    *,
+    after: int | None = None,
+    upto: int | None = None,
+    limit: int,
+    backwards: bool,
+) -> list[Event]:
+    """Events with ``after < stream_ordering <= upto``, newest first if ``backwards``."""
+    clauses = ["e.room_id = ?"]
+    params: list[Any] = [room_id]
+    if after is not None:
+        clauses.append("e.stream_ordering > ?")
+        params.append(after)
+    if upto is not None:
+        clauses.append("e.stream_ordering <= ?")
+        params.append(upto)
+    order = "DESC" if backwards else "ASC"
+    params.append(limit)
+    rows = txn.fetchall(
+        f"SELECT {_EVENT_COLUMNS} FROM {_FROM} WHERE {' AND '.join(clauses)} "
+        f"ORDER BY e.stream_ordering {order} LIMIT ?",
+        params,
+    )
+    return _load_rows(txn, rows)
+
+
+def count_room_events_after(txn: Txn, room_id: str, after: int, upto: int) -> int:
+    return int(
+        txn.fetchval(
+            "SELECT COUNT(*) FROM events WHERE room_id = ? AND stream_ordering > ? AND stream_ordering <= ?",
+            (room_id, after, upto),
+        )
+    )
+
+
+def max_stream_ordering(txn: Txn) -> int:
+    return int(txn.fetchval("SELECT COALESCE(MAX(stream_ordering), 0) FROM events"))
+
+
+def latest_room_event(txn: Txn, room_id: str) -> tuple[str, int, int] | None:
+    """(event_id, depth, stream_ordering) of the newest event in the room."""
+    row = txn.fetchone(
+        "SELECT event_id, depth, stream_ordering FROM events WHERE room_id = ? ORDER BY stream_ordering DESC LIMIT 1",
+        (room_id,),
+    )
+    return (row[0], row[1], row[2]) if row is not None else None
+
+
+def last_event_by_sender(txn: Txn, room_id: str) -> dict[str, int]:
+    rows = txn.fetchall(
+        "SELECT sender, MAX(stream_ordering) FROM events WHERE room_id = ? GROUP BY sender", (room_id,)
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+# -- state ------------------------------------------------------------------------------
+
+
+def get_current_state_ids(txn: Txn, room_id: str) -> dict[StateKey, str]:
+    rows = txn.fetchall("SELECT type, state_key, event_id FROM current_state WHERE room_id = ?", (room_id,))
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+def get_state_ids_at(txn: Txn, room_id: str, position: int, types: Iterable[StateKey] | None = None) -> dict[StateKey, str]:
+    """State of the room after every event at or before ``position``."""
+    params: list[Any] = [room_id, position]
+    extra = ""
+    if types is not None:
+        wanted = list(types)
+        if not wanted:
+            return {}
+        conds = []
+        for etype, skey in wanted:
+            conds.append("(type = ? AND state_key = ?)")
+            params.extend((etype, skey))
+        extra = " AND (" + " OR ".join(conds) + ")"
+    rows = txn.fetchall(
+        "SELECT type, state_key, event_id FROM ("
+        " SELECT type, state_key, event_id, ROW_NUMBER() OVER "
+        "   (PARTITION BY type, state_key ORDER BY stream_ordering DESC) AS rn"
+        " FROM events WHERE room_id = ? AND state_key IS NOT NULL AND stream_ordering <= ?" + extra +
+        ") t WHERE rn = 1",
+        params,
+    )
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+def get_state_keys_changed(txn: Txn, room_id: str, after: int, upto: int) -> set[StateKey]:
+    rows = txn.fetchall(
+        "SELECT DISTINCT type, state_key FROM events WHERE room_id = ? AND state_key IS NOT NULL "
+        "AND stream_ordering > ? AND stream_ordering <= ?",
+        (room_id, after, upto),
+    )
+    return {(r[0], r[1]) for r in rows}
+
+
+def get_membership_history(txn: Txn, room_id: str, user_id: str) -> list[tuple[int, str]]:
+    rows = txn.fetchall(
+        "SELECT stream_ordering, membership FROM events WHERE room_id = ? AND type = 'm.room.member' "
+        "AND state_key = ? ORDER BY stream_ordering",
+        (room_id, user_id),
+    )
+    return [(r[0], r[1] or "leave") for r in rows]
+
+
+def get_visibility_history(txn: Txn, room_id: str) -> list[tuple[int, Any]]:
+    """(stream_ordering, raw history_visibility content value) for every change."""
+    rows = txn.fetchall(
+        "SELECT stream_ordering, json FROM events WHERE room_id = ? AND type = 'm.room.history_visibility' "
+        "AND state_key = '' ORDER BY stream_ordering",
+        (room_id,),
+    )
+    return [(r[0], orjson.loads(r[1]).get("content", {}).get("history_visibility")) for r in rows]
+
+
+# -- transaction IDs ----------------------------------------------------------------------
+
+
+def get_txn_event_id(txn: Txn, user_id: str, device_id: str, scope: str, txn_id: str) -> str | None:
+    return txn.fetchval(
+        "SELECT event_id FROM event_txns WHERE user_id = ? AND device_id = ? AND scope = ? AND txn_id = ?",
+        (user_id, device_id, scope, txn_id),
+    )
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _relation(event: Event) -> tuple[str | None, str | None]:
+    rel = event.content.get("m.relates_to")
+    if isinstance(rel, dict):
+        target = rel.get("event_id")
+        rel_type = rel.get("rel_type")
+        if isinstance(target, str):
+            return target, rel_type if isinstance(rel_type, str) else None
+        reply = rel.get("m.in_reply_to")
+        if isinstance(reply, dict) and isinstance(reply.get("event_id"), str):
+            return reply["event_id"], "m.in_reply_to"
+    return None, None
+
+
+def insert_event(txn: Txn, event: Event, txn_key: tuple[str, str, str, str] | None, now_ms: int) -> None:
+    """Insert a new event (and its transaction ID, state and membership rows)."""
+    relates_to, rel_type = _relation(event)
+    txn.execute(
+        "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender, depth, "
+        "origin_server_ts, membership, relates_to, rel_type, txn_id, txn_device_id, replaces_state, "
+        "unsigned_static, json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event.stream_ordering,
+            event.event_id,
+            event.room_id,
+            event.type,
+            event.state_key,
+            event.sender,
+            event.depth,
+            event.origin_server_ts,
+            event.membership,
+            relates_to,
+            rel_type,
+            event.txn_id,
+            event.txn_device_id,
+            event.replaces_state,
+            orjson.dumps(event.unsigned_static) if event.unsigned_static else None,
+            orjson.dumps(event.pdu),
+        ),
+    )
+    if txn_key is not None:
+        user_id, device_id, scope, txn_id = txn_key
+        txn.execute(
+            "INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_id, created_ts) VALUES (?, ?, ?, ?, ?, ?)",
+            (user_id, device_id, scope, txn_id, event.event_id, now_ms),
+        )
+    if event.state_key is not None:
+        txn.execute(
+            "INSERT INTO current_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id",
+            (event.room_id, event.type, event.state_key, event.event_id),
+        )
+        if event.type == "m.room.member":
+            txn.execute(
+                "INSERT INTO memberships (user_id, room_id, membership, event_id, stream_ordering, forgotten) "
+                "VALUES (?, ?, ?, ?, ?, FALSE) ON CONFLICT (user_id, room_id) DO UPDATE SET "
+                "membership = excluded.membership, event_id = excluded.event_id, "
+                "stream_ordering = excluded.stream_ordering, forgotten = FALSE",
+                (event.state_key, event.room_id, event.membership or "leave", event.event_id, event.stream_ordering),
+            )
+
+
+def apply_redaction(txn: Txn, target: Event, redaction_event_id: str) -> dict[str, Any]:
+    """Replace the stored target with its redacted form. Returns the pruned PDU.
+
+    Events whose ``unsigned.prev_content`` copied the target's content are pruned too,
+    so redacted content does not survive anywhere in the database.
+    """
+    pruned = redact_pdu(target.pdu, target.room_version)
+    txn.execute(
+        "UPDATE events SET json = ?, redacted_by = ? WHERE event_id = ?",
+        (orjson.dumps(pruned), redaction_event_id, target.event_id),
+    )
+    rows = txn.fetchall(
+        "SELECT event_id, unsigned_static FROM events WHERE replaces_state = ?", (target.event_id,)
+    )
+    for event_id, unsigned_raw in rows:
+        unsigned = orjson.loads(unsigned_raw) if unsigned_raw is not None else {}
+        unsigned["prev_content"] = pruned["content"]
+        txn.execute(
+            "UPDATE events SET unsigned_static = ? WHERE event_id = ?", (orjson.dumps(unsigned), event_id)
+        )
+    return pruned
+
+
+def events_replacing(txn: Txn, event_id: str) -> list[str]:
+    return [r[0] for r in txn.fetchall("SELECT event_id FROM events WHERE replaces_state = ?", (event_id,))]

@@ -1,0 +1,89 @@
+"""Wakes long-polling ``/sync`` requests when something relevant to a user arrives.
+
+Called only after the database commit (publish after commit), so a woken request
+always finds in storage what it was woken for.
+
+Each user has a *last notified token*; a waiter that starts with ``since`` returns
+at once if the user was notified past ``since`` (this closes the race between
+computing an empty response and starting to wait, with no lock: there is no
+``await`` between the check and the registration).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from bastion.streams.tokens import StreamToken
+
+
+class Notifier:
+    def __init__(self, current: StreamToken) -> None:
+        self.current = current
+        self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
+        self._last: dict[str, StreamToken] = {}
+        self._shutting_down = False
+
+    def advance(self, token: StreamToken) -> None:
+        """Move the current token forward (after a commit)."""
+        self.current = self.current.max(token)
+
+    def notify_users(self, users: Iterable[str], token: StreamToken | None = None) -> None:
+        token = token or self.current
+        for user in users:
+            previous = self._last.get(user)
+            self._last[user] = token if previous is None else previous.max(token)
+            waiters = self._waiters.pop(user, None)
+            if waiters:
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(True)
+
+    def has_news(self, user_id: str, since: StreamToken) -> bool:
+        last = self._last.get(user_id)
+        return last is not None and last.is_after(since)
+
+    async def wait_for(self, user_id: str, since: StreamToken, timeout_s: float) -> bool:
+        """Wait until the user is notified past ``since`` or ``timeout_s`` passes.
+
+        Returns True if woken by a notification, False on timeout or shutdown.
+        """
+        if self.has_news(user_id, since):
+            return True
+        if self._shutting_down or timeout_s <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        waiters = self._waiters.setdefault(user_id, set())
+        waiters.add(fut)
+        timer = loop.call_later(timeout_s, _expire, fut)
+        woke = False
+        try:
+            woke = await fut
+        finally:
+            timer.cancel()
+            waiters.discard(fut)
+            if not waiters and self._waiters.get(user_id) is waiters:
+                del self._waiters[user_id]
+        return bool(woke) and not self._shutting_down
+
+    def forget_user(self, user_id: str) -> None:
+        self._last.pop(user_id, None)
+
+    def shutdown(self) -> None:
+        """Release every waiter at once (graceful shutdown must not wait for long-polls)."""
+        self._shutting_down = True
+        for waiters in list(self._waiters.values()):
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(False)
+        self._waiters.clear()
+
+    @property
+    def waiting_count(self) -> int:
+        return sum(len(w) for w in self._waiters.values())
+
+
+def _expire(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)

@@ -1,0 +1,261 @@
+"""Test harness: start real Bastion processes and talk to them over HTTP.
+
+Servers are started exactly as operators start them — ``bastion init`` writes the
+config, ``bastion serve`` runs it — with overrides merged into the YAML. Password
+hashing is made cheap (argon2id with small memory) so tests can log in often; the
+algorithm and code path are the production ones.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TestDatabase:
+    """SQLite files, or fresh PostgreSQL databases created on an admin connection."""
+
+    __test__ = False
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.is_postgres = spec.startswith("postgres")
+        self._created: list[str] = []
+
+    def new_url(self, directory: Path) -> str:
+        if not self.is_postgres:
+            return f"sqlite:///{directory / 'bastion.db'}"
+        import psycopg
+
+        name = "bastion_t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.spec, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        self._created.append(name)
+        base, _, _ = self.spec.rpartition("/")
+        return f"{base}/{name}"
+
+    def cleanup(self) -> None:
+        if not self.is_postgres:
+            return
+        import psycopg
+
+        with psycopg.connect(self.spec, autocommit=True) as conn:
+            for name in self._created:
+                try:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                except psycopg.Error:
+                    pass
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class ServerProcess:
+    directory: Path
+    config_path: Path
+    port: int
+    database_url: str
+    server_name: str
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=Path)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bastion", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.directory,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bastion", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            input=input,
+            cwd=self.directory,
+            timeout=60,
+        )
+
+    def client(self) -> MatrixHttp:
+        return MatrixHttp(self.base_url, self.server_name)
+
+
+def start_server(directory: Path, db: TestDatabase, **overrides: Any) -> ServerProcess:
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = db.new_url(directory)
+    config_path = directory / "bastion.yaml"
+    server_name = overrides.pop("server_name", "localhost")
+    subprocess.run(
+        [
+            sys.executable, "-m", "bastion", "init", "--config", str(config_path),
+            "--server-name", server_name, "--data-dir", str(directory / "data"),
+            "--port", str(port), "--database-url", url,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    config = yaml.safe_load(config_path.read_text())
+    defaults = {
+        "registration": {"enabled": True, "require_token": False},
+        "password_hashing": {"time_cost": 1, "memory_kib": 1024, "parallelism": 1},
+        "logging": {"level": "INFO"},
+        "shutdown_grace_seconds": 5,
+    }
+    config = _merge(_merge(config, defaults), overrides)
+    config_path.write_text(yaml.safe_dump(config))
+    srv = ServerProcess(directory, config_path, port, url, server_name, log_path=directory / "server.log")
+    srv.start()
+    return srv
+
+
+class MatrixError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"{status}: {body}")
+        self.status = status
+        self.body = body
+
+    @property
+    def errcode(self) -> str | None:
+        return self.body.get("errcode") if isinstance(self.body, dict) else None
+
+
+class MatrixHttp:
+    """A tiny synchronous Matrix client over httpx for tests that need raw HTTP."""
+
+    def __init__(self, base_url: str, server_name: str, token: str | None = None) -> None:
+        self.base_url = base_url
+        self.server_name = server_name
+        self.token = token
+        self.user_id: str | None = None
+        self.device_id: str | None = None
+        self.password: str | None = None
+        self._http = httpx.Client(base_url=base_url, timeout=60)
+
+    def raw(self, method: str, path: str, *, json: Any = None, content: bytes | None = None,
+            params: dict[str, Any] | None = None, token: bool = True, headers: dict[str, str] | None = None) -> httpx.Response:
+        hdrs = dict(headers or {})
+        if token and self.token:
+            hdrs["Authorization"] = f"Bearer {self.token}"
+        return self._http.request(method, path, json=json, content=content, params=params, headers=hdrs)
+
+    def call(self, method: str, path: str, json: Any = None, **kwargs: Any) -> Any:
+        resp = self.raw(method, path, json=json, **kwargs)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        if resp.status_code != 200:
+            raise MatrixError(resp.status_code, body)
+        return body
+
+    def register(self, username: str | None = None, password: str = "correct horse battery") -> MatrixHttp:
+        username = username or "u" + uuid.uuid4().hex[:10]
+        first = self.raw("POST", "/_matrix/client/v3/register", json={"username": username, "password": password}, token=False)
+        assert first.status_code == 401, first.text
+        session = first.json()["session"]
+        body = self.call(
+            "POST",
+            "/_matrix/client/v3/register",
+            {"username": username, "password": password, "auth": {"type": "m.login.dummy", "session": session}},
+            token=False,
+        )
+        self.token = body["access_token"]
+        self.user_id = body["user_id"]
+        self.device_id = body["device_id"]
+        self.password = password
+        return self
+
+    def new_user(self, username: str | None = None) -> MatrixHttp:
+        return MatrixHttp(self.base_url, self.server_name).register(username)
+
+    def create_room(self, **body: Any) -> str:
+        return self.call("POST", "/_matrix/client/v3/createRoom", body)["room_id"]
+
+    def send(self, room_id: str, body: str | dict[str, Any], event_type: str = "m.room.message", txn: str | None = None) -> str:
+        content = {"msgtype": "m.text", "body": body} if isinstance(body, str) else body
+        txn = txn or uuid.uuid4().hex
+        return self.call("PUT", f"/_matrix/client/v3/rooms/{room_id}/send/{event_type}/{txn}", content)["event_id"]
+
+    def sync(self, since: str | None = None, timeout: int = 0, **params: Any) -> dict[str, Any]:
+        query = {"timeout": timeout, **params}
+        if since:
+            query["since"] = since
+        return self.call("GET", "/_matrix/client/v3/sync", params=query)
+
+    def join(self, room_id: str) -> None:
+        self.call("POST", f"/_matrix/client/v3/join/{room_id}", {})
+
+    def invite(self, room_id: str, user_id: str) -> None:
+        self.call("POST", f"/_matrix/client/v3/rooms/{room_id}/invite", {"user_id": user_id})
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,267 @@
+"""Rooms, messages and sync over real HTTP against a running server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.harness import MatrixError, MatrixHttp, ServerProcess
+
+
+@pytest.fixture
+def alice(server: ServerProcess) -> MatrixHttp:
+    return server.client().register()
+
+
+@pytest.fixture
+def bob(server: ServerProcess) -> MatrixHttp:
+    return server.client().register()
+
+
+def timeline_bodies(sync: dict, room_id: str) -> list[str]:
+    room = sync["rooms"].get("join", {}).get(room_id)
+    if room is None:
+        return []
+    return [e["content"].get("body") for e in room["timeline"]["events"] if e["type"] == "m.room.message"]
+
+
+def test_create_room_initial_state_order_and_defaults(alice: MatrixHttp) -> None:
+    room = alice.create_room(name="Ops", topic="On call", preset="private_chat")
+    state = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/state")
+    by_type = {(e["type"], e["state_key"]): e for e in state}
+    assert by_type[("m.room.create", "")]["content"]["room_version"] == "10"
+    assert by_type[("m.room.create", "")]["content"]["creator"] == alice.user_id
+    assert by_type[("m.room.join_rules", "")]["content"]["join_rule"] == "invite"
+    assert by_type[("m.room.history_visibility", "")]["content"]["history_visibility"] == "shared"
+    assert by_type[("m.room.name", "")]["content"]["name"] == "Ops"
+    assert by_type[("m.room.topic", "")]["content"]["topic"] == "On call"
+    assert by_type[("m.room.power_levels", "")]["content"]["users"] == {alice.user_id: 100}
+    assert by_type[("m.room.member", alice.user_id)]["content"]["membership"] == "join"
+    # Events come back in creation order from the start of the room.
+    page = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/messages", params={"dir": "f", "limit": 50})
+    types = [e["type"] for e in page["chunk"]]
+    assert types[:3] == ["m.room.create", "m.room.member", "m.room.power_levels"]
+
+
+def test_room_version_11_and_unsupported(alice: MatrixHttp) -> None:
+    room = alice.create_room(room_version="11")
+    create = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/state/m.room.create/")
+    assert create["room_version"] == "11"
+    assert "creator" not in create
+    with pytest.raises(MatrixError) as err:
+        alice.create_room(room_version="9")
+    assert err.value.status == 400 and err.value.errcode == "M_UNSUPPORTED_ROOM_VERSION"
+
+
+def test_send_is_idempotent_per_txn_and_device(alice: MatrixHttp) -> None:
+    room = alice.create_room()
+    first = alice.send(room, "hello", txn="abc")
+    again = alice.send(room, "hello", txn="abc")
+    assert first == again
+    other = alice.send(room, "hello", txn="abd")
+    assert other != first
+    # The same txn ID from another device of the same user is a different request.
+    second_device = MatrixHttp(alice.base_url, alice.server_name)
+    second_device.token = alice.call(
+        "POST", "/_matrix/client/v3/login",
+        {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": alice.user_id}, "password": alice.password},
+        token=False,
+    )["access_token"]
+    assert second_device.send(room, "hello", txn="abc") != first
+
+
+def test_sync_incremental_and_long_poll_wakes(alice: MatrixHttp, bob: MatrixHttp) -> None:
+    room = alice.create_room(preset="public_chat") if False else alice.create_room(invite=[bob.user_id])
+    initial = bob.sync()
+    assert room in initial["rooms"]["invite"]
+    invite_state = initial["rooms"]["invite"][room]["invite_state"]["events"]
+    assert any(e["type"] == "m.room.create" for e in invite_state)
+    bob.join(room)
+    after_join = bob.sync(since=initial["next_batch"])
+    assert room in after_join["rooms"]["join"]
+    since = after_join["next_batch"]
+
+    result: dict = {}
+
+    def poll() -> None:
+        result["sync"] = bob.sync(since=since, timeout=20000)
+        result["at"] = time.monotonic()
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    time.sleep(0.5)
+    sent_at = time.monotonic()
+    alice.send(room, "wake up")
+    thread.join(10)
+    assert not thread.is_alive()
+    assert timeline_bodies(result["sync"], room) == ["wake up"]
+    assert result["at"] - sent_at < 2.0
+
+
+def test_sync_timeout_returns_empty(alice: MatrixHttp) -> None:
+    first = alice.sync()
+    start = time.monotonic()
+    second = alice.sync(since=first["next_batch"], timeout=500)
+    assert time.monotonic() - start >= 0.45
+    assert second["rooms"].get("join", {}) == {}
+
+
+def test_transaction_id_echoed_only_to_sending_device(alice: MatrixHttp, bob: MatrixHttp) -> None:
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    since_a = alice.sync()["next_batch"]
+    since_b = bob.sync()["next_batch"]
+    alice.send(room, "with txn", txn="my-txn-1")
+    mine = alice.sync(since=since_a)["rooms"]["join"][room]["timeline"]["events"]
+    theirs = bob.sync(since=since_b)["rooms"]["join"][room]["timeline"]["events"]
+    assert mine[-1]["unsigned"]["transaction_id"] == "my-txn-1"
+    assert "transaction_id" not in theirs[-1]["unsigned"]
+
+
+def test_limited_timeline_and_backfill_with_prev_batch(alice: MatrixHttp, bob: MatrixHttp) -> None:
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    since = bob.sync()["next_batch"]
+    for i in range(25):
+        alice.send(room, f"m{i}")
+    sync = bob.sync(since=since, filter='{"room":{"timeline":{"limit":5}}}')
+    timeline = sync["rooms"]["join"][room]["timeline"]
+    assert timeline["limited"] is True
+    assert [e["content"]["body"] for e in timeline["events"]] == [f"m{i}" for i in range(20, 25)]
+    page = bob.call(
+        "GET", f"/_matrix/client/v3/rooms/{room}/messages",
+        params={"dir": "b", "from": timeline["prev_batch"], "to": since, "limit": 100},
+    )
+    bodies = [e["content"]["body"] for e in page["chunk"] if e["type"] == "m.room.message"]
+    assert bodies == [f"m{i}" for i in range(19, -1, -1)]
+
+
+def test_messages_paginate_back_to_create(alice: MatrixHttp) -> None:
+    room = alice.create_room()
+    for i in range(30):
+        alice.send(room, f"p{i}")
+    seen = []
+    token = None
+    for _ in range(50):
+        params = {"dir": "b", "limit": 7}
+        if token:
+            params["from"] = token
+        page = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/messages", params=params)
+        seen.extend(page["chunk"])
+        token = page.get("end")
+        if token is None:
+            break
+    assert seen[-1]["type"] == "m.room.create"
+    bodies = [e["content"]["body"] for e in seen if e["type"] == "m.room.message"]
+    assert bodies == [f"p{i}" for i in range(29, -1, -1)]
+    assert len({e["event_id"] for e in seen}) == len(seen)
+
+
+def test_non_member_cannot_read_or_write(alice: MatrixHttp, bob: MatrixHttp) -> None:
+    room = alice.create_room()
+    alice.send(room, "secret")
+    for method, path, body in [
+        ("GET", f"/_matrix/client/v3/rooms/{room}/messages", None),
+        ("GET", f"/_matrix/client/v3/rooms/{room}/state", None),
+        ("GET", f"/_matrix/client/v3/rooms/{room}/members", None),
+        ("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/x1", {"msgtype": "m.text", "body": "hi"}),
+    ]:
+        with pytest.raises(MatrixError) as err:
+            bob.call(method, path, body)
+        assert err.value.status == 403 and err.value.errcode == "M_FORBIDDEN"
+    with pytest.raises(MatrixError) as err:
+        bob.join(room)
+    assert err.value.errcode == "M_FORBIDDEN"
+
+
+def test_left_user_sees_nothing_after_leaving(alice: MatrixHttp, bob: MatrixHttp) -> None:
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    alice.send(room, "before")
+    bob.call("POST", f"/_matrix/client/v3/rooms/{room}/leave", {})
+    alice.send(room, "after")
+    page = bob.call("GET", f"/_matrix/client/v3/rooms/{room}/messages", params={"dir": "b", "limit": 50})
+    bodies = [e["content"].get("body") for e in page["chunk"] if e["type"] == "m.room.message"]
+    assert "before" in bodies and "after" not in bodies
+    state = bob.call("GET", f"/_matrix/client/v3/rooms/{room}/state")
+    assert {e["state_key"]: e["content"]["membership"] for e in state if e["type"] == "m.room.member"}[bob.user_id] == "leave"
+    with pytest.raises(MatrixError):
+        bob.send(room, "let me in")
+
+
+def test_kick_ban_unban_and_power_denial(alice: MatrixHttp, bob: MatrixHttp, server: ServerProcess) -> None:
+    carol = server.client().register()
+    room = alice.create_room(preset="public_chat") if False else alice.create_room(invite=[bob.user_id, carol.user_id])
+    bob.join(room)
+    carol.join(room)
+    # bob (power 0) may not kick carol or change the name
+    with pytest.raises(MatrixError) as err:
+        bob.call("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": carol.user_id})
+    assert err.value.status == 403
+    with pytest.raises(MatrixError) as err:
+        bob.call("PUT", f"/_matrix/client/v3/rooms/{room}/state/m.room.name/", {"name": "bob's"})
+    assert err.value.status == 403 and "power level" in err.value.body["error"]
+    alice.call("POST", f"/_matrix/client/v3/rooms/{room}/kick", {"user_id": carol.user_id, "reason": "bye"})
+    members = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/joined_members")["joined"]
+    assert carol.user_id not in members
+    alice.call("POST", f"/_matrix/client/v3/rooms/{room}/ban", {"user_id": bob.user_id})
+    with pytest.raises(MatrixError):
+        bob.join(room)
+    with pytest.raises(MatrixError) as err:
+        alice.call("POST", f"/_matrix/client/v3/rooms/{room}/unban", {"user_id": carol.user_id})
+    assert err.value.errcode == "M_BAD_STATE"
+    alice.call("POST", f"/_matrix/client/v3/rooms/{room}/unban", {"user_id": bob.user_id})
+    alice.invite(room, bob.user_id)
+    bob.join(room)
+
+
+def test_redaction(alice: MatrixHttp, bob: MatrixHttp) -> None:
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    event_id = bob.send(room, "oops")
+    other = alice.send(room, "alice's")
+    with pytest.raises(MatrixError) as err:
+        bob.call("PUT", f"/_matrix/client/v3/rooms/{room}/redact/{other}/r1", {})
+    assert err.value.status == 403
+    redaction = bob.call("PUT", f"/_matrix/client/v3/rooms/{room}/redact/{event_id}/r2", {"reason": "typo"})["event_id"]
+    event = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/event/{event_id}")
+    assert event["content"] == {}
+    assert event["unsigned"]["redacted_because"]["event_id"] == redaction
+    # Admins (power 100 >= redact 50) may redact others' events.
+    alice.call("PUT", f"/_matrix/client/v3/rooms/{room}/redact/{other}/r3", {})
+
+
+def test_errors_are_matrix_errors(alice: MatrixHttp, server: ServerProcess) -> None:
+    anon = server.client()
+    resp = anon.raw("GET", "/_matrix/client/v3/sync")
+    assert resp.status_code == 401 and resp.json()["errcode"] == "M_MISSING_TOKEN"
+    anon.token = "bst_nope"
+    resp = anon.raw("GET", "/_matrix/client/v3/sync")
+    assert resp.status_code == 401 and resp.json()["errcode"] == "M_UNKNOWN_TOKEN"
+    resp = alice.raw("POST", "/_matrix/client/v3/createRoom", content=b"{not json")
+    assert resp.status_code == 400 and resp.json()["errcode"] == "M_NOT_JSON"
+    resp = alice.raw("POST", "/_matrix/client/v3/createRoom", content=b"[1,2]")
+    assert resp.status_code == 400 and resp.json()["errcode"] == "M_BAD_JSON"
+    resp = alice.raw("GET", "/_matrix/client/v3/no/such/endpoint")
+    assert resp.status_code == 404 and resp.json()["errcode"] == "M_UNRECOGNIZED"
+    resp = alice.raw("DELETE", "/_matrix/client/v3/createRoom")
+    assert resp.status_code == 405 and resp.json()["errcode"] == "M_UNRECOGNIZED"
+    resp = alice.raw("POST", "/_matrix/client/v3/createRoom", content=b'{"name":"' + b"x" * 2_000_000 + b'"}')
+    assert resp.status_code == 413 and resp.json()["errcode"] == "M_TOO_LARGE"
+    room = alice.create_room()
+    resp = alice.raw("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/f1", json={"body": 1.5})
+    assert resp.status_code == 400 and resp.json()["errcode"] == "M_BAD_JSON"
+    resp = alice.raw("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/f2", json={"body": "x" * 70000})
+    assert resp.status_code == 413 and resp.json()["errcode"] == "M_TOO_LARGE"
+    resp = alice.raw("OPTIONS", "/_matrix/client/v3/sync")
+    assert resp.headers["access-control-allow-origin"] == "*"
+
+
+def test_state_key_with_slash_round_trips(alice: MatrixHttp) -> None:
+    room = alice.create_room()
+    alice.call("PUT", f"/_matrix/client/v3/rooms/{room}/state/org.example.thing/a%2Fb", {"v": 1})
+    assert alice.call("GET", f"/_matrix/client/v3/rooms/{room}/state/org.example.thing/a%2Fb") == {"v": 1}
+    event = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/state/org.example.thing/a%2Fb", params={"format": "event"})
+    assert event["state_key"] == "a/b"
