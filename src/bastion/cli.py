@@ -138,6 +138,9 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
             if loop is not None and app.hs is not None:
                 loop.call_soon_threadsafe(app.hs.begin_shutdown)
             super().handle_exit(sig, frame)
+            # A graceful stop is a clean exit (status 0); uvicorn would otherwise
+            # re-raise the signal once shut down.
+            self._captured_signals.clear()
 
     config = uvicorn.Config(
         app,

@@ -73,7 +73,7 @@ def test_send_is_idempotent_per_txn_and_device(alice: MatrixHttp) -> None:
 
 
 def test_sync_incremental_and_long_poll_wakes(alice: MatrixHttp, bob: MatrixHttp) -> None:
-    room = alice.create_room(preset="public_chat") if False else alice.create_room(invite=[bob.user_id])
+    room = alice.create_room(invite=[bob.user_id])
     initial = bob.sync()
     assert room in initial["rooms"]["invite"]
     invite_state = initial["rooms"]["invite"][room]["invite_state"]["events"]
@@ -193,7 +193,7 @@ def test_left_user_sees_nothing_after_leaving(alice: MatrixHttp, bob: MatrixHttp
 
 def test_kick_ban_unban_and_power_denial(alice: MatrixHttp, bob: MatrixHttp, server: ServerProcess) -> None:
     carol = server.client().register()
-    room = alice.create_room(preset="public_chat") if False else alice.create_room(invite=[bob.user_id, carol.user_id])
+    room = alice.create_room(invite=[bob.user_id, carol.user_id])
     bob.join(room)
     carol.join(room)
     # bob (power 0) may not kick carol or change the name

@@ -1,0 +1,96 @@
+"""History visibility, filters and tokens — pure logic."""
+
+from __future__ import annotations
+
+import pytest
+
+from bastion.core.events import Event
+from bastion.core.filters import EventFilter, Filter, apply_event_fields
+from bastion.core.room_versions import V10
+from bastion.core.visibility import is_visible
+from bastion.errors import BadJson, InvalidParam
+from bastion.streams.tokens import StreamToken, decode_pagination, encode_pagination
+
+U = "@u:x"
+
+
+def ev(pos: int, etype: str = "m.room.message", sender: str = "@a:x", state_key: str | None = None, content=None) -> Event:
+    pdu = {
+        "room_id": "!r:x", "type": etype, "sender": sender, "content": content or {},
+        "origin_server_ts": 0, "depth": pos, "prev_events": [], "auth_events": [],
+    }
+    if state_key is not None:
+        pdu["state_key"] = state_key
+    return Event(pdu, f"$e{pos}", V10, stream_ordering=pos)
+
+
+@pytest.mark.parametrize(
+    ("visibility", "memberships", "position", "expected"),
+    [
+        # joined at 10, event at 20: visible under every setting
+        ("joined", [(10, "join")], 20, True),
+        # event before the join: only shared/world_readable
+        ("joined", [(10, "join")], 5, False),
+        ("shared", [(10, "join")], 5, True),
+        ("invited", [(10, "join")], 5, False),
+        ("world_readable", [], 5, True),
+        # invited at 3, joined at 10: 'invited' shows events from the invite on
+        ("invited", [(3, "invite"), (10, "join")], 5, True),
+        ("invited", [(3, "invite"), (10, "join")], 2, False),
+        # left at 30: nothing after that, even with 'shared'
+        ("shared", [(10, "join"), (30, "leave")], 40, False),
+        ("shared", [(10, "join"), (30, "leave")], 20, True),
+        # left and came back: the gap is visible under 'shared' (joined after it)
+        ("shared", [(10, "join"), (30, "leave"), (50, "join")], 40, True),
+        ("joined", [(10, "join"), (30, "leave"), (50, "join")], 40, False),
+        # never joined
+        ("shared", [], 5, False),
+    ],
+)
+def test_history_visibility_rules(visibility: str, memberships, position: int, expected: bool) -> None:
+    assert is_visible(ev(position), U, memberships, [(1, visibility)]) is expected
+
+
+def test_own_membership_events_and_visibility_changes() -> None:
+    leave = ev(30, "m.room.member", U, U, {"membership": "leave"})
+    assert is_visible(leave, U, [(10, "join"), (30, "leave")], [(1, "joined")])
+    change = ev(40, "m.room.history_visibility", "@a:x", "", {"history_visibility": "world_readable"})
+    assert is_visible(change, U, [], [(1, "joined"), (40, "world_readable")])
+
+
+def test_filter_parsing_and_matching() -> None:
+    flt = Filter.parse({
+        "room": {
+            "rooms": ["!a:x"],
+            "timeline": {"limit": 5, "types": ["m.room.*"], "not_senders": ["@spam:x"], "contains_url": False},
+            "state": {"lazy_load_members": True},
+        },
+        "event_fields": ["content.body", "type"],
+    })
+    assert flt.room.allows_room("!a:x") and not flt.room.allows_room("!b:x")
+    timeline = flt.room.timeline
+    assert timeline.limit == 5 and flt.room.state.lazy_load_members
+    assert timeline.allows("m.room.message", "@a:x")
+    assert not timeline.allows("m.reaction", "@a:x")
+    assert not timeline.allows("m.room.message", "@spam:x")
+    assert not timeline.allows("m.room.message", "@a:x", content={"url": "mxc://x/y"})
+    assert apply_event_fields({"type": "t", "content": {"body": "b", "x": 1}, "sender": "s"}, flt.event_fields) == {
+        "type": "t", "content": {"body": "b"}}
+    assert EventFilter.parse({"not_types": ["*"]}, "f").allows_type("anything") is False
+    for bad in ({"room": {"timeline": {"limit": 0}}}, {"room": {"timeline": {"types": "m.room.message"}}},
+                {"event_format": "xml"}, {"room": []}, {"room": {"state": {"lazy_load_members": "yes"}}}):
+        with pytest.raises(BadJson):
+            Filter.parse(bad)
+
+
+def test_tokens_round_trip_and_reject_garbage() -> None:
+    token = StreamToken(events=42, account_data=7)
+    assert StreamToken.decode(token.encode()) == token
+    assert StreamToken.decode("s42") == StreamToken(events=42)
+    assert token.is_after(StreamToken(events=42, account_data=6))
+    assert not token.is_after(token)
+    assert decode_pagination(encode_pagination(9)) == 9
+    assert decode_pagination("s12_3") == 12
+    for bad in ("", "x1", "s", "s-1", "s1_2_3_4_5_6_7_8_9", "t", "t1a", "s" + "9" * 30):
+        with pytest.raises(InvalidParam):
+            decode_pagination(bad) if bad.startswith("t") else StreamToken.decode(bad)
