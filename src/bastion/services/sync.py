@@ -347,7 +347,9 @@ class SyncService:
         room = ctx.room
         timeline, limited = await self._timeline(ctx, user, since_pos, req.filter.room.timeline, limit)
         start = timeline[0].stream_ordering - 1 if timeline else ctx.upto
-        must = {user} | set(self._heroes(room, user))
+        must = {user}
+        if not self._has_name(room):
+            must |= set(self._heroes(room, user))
         body: dict[str, Any] = {
             "timeline": {
                 "events": self._serialise(timeline, req, now, device_key),
@@ -383,25 +385,30 @@ class SyncService:
         if not timeline and not limited:
             return None
         start = timeline[0].stream_ordering - 1 if timeline else ctx.upto
+        lazy = req.filter.room.state.lazy_load_members
         state: dict[StateKey, Event] = {}
+        gap_members: set[str] = set()
         if req.use_state_after:
+            key_name = "state_after"
             keys = await self._db.read(events_store.get_state_keys_changed, room.room_id, since_pos, ctx.upto)
             if keys:
                 state = await self._state_at(room, ctx.upto, keys)
-            state = self._lazy_members(req, room, state, timeline, set())
-            key_name = "state_after"
+            if lazy:
+                state.update(await self._missing_members(req, room, ctx.upto, timeline, set()))
         else:
+            key_name = "state"
             if limited and start > since_pos:
                 keys = await self._db.read(events_store.get_state_keys_changed, room.room_id, since_pos, start)
                 gap_members = {k[1] for k in keys if k[0] == "m.room.member"}
                 if keys:
                     state = await self._state_at(room, start, keys)
-                if req.filter.room.state.lazy_load_members:
-                    state.update(await self._missing_members(req, room, start, timeline, set()))
-                state = self._lazy_members(req, room, state, timeline, gap_members)
-            else:
-                self._lazy_members(req, room, {}, timeline, set())
-            key_name = "state"
+            if lazy:
+                # Senders the client may never have seen (lazy loading): their membership
+                # as of the start of the timeline, unless the timeline itself carries it.
+                in_timeline = {e.state_key for e in timeline if e.type == "m.room.member"}
+                extra = await self._missing_members(req, room, start, timeline, set())
+                state.update({k: e for k, e in extra.items() if k[1] not in in_timeline})
+        state = self._lazy_members(req, room, state, timeline, gap_members)
         return {
             "timeline": {
                 "events": self._serialise(timeline, req, now, device_key),
@@ -475,6 +482,14 @@ class SyncService:
         return out
 
     # -- summaries and unread counts -------------------------------------------------------------
+
+    @staticmethod
+    def _has_name(room: RoomSnapshot) -> bool:
+        for key, field_name in ((("m.room.name", ""), "name"), (("m.room.canonical_alias", ""), "alias")):
+            event = room.state.get(key)
+            if event is not None and event.content.get(field_name):
+                return True
+        return False
 
     def _heroes(self, room: RoomSnapshot, user: str) -> list[str]:
         members = [
