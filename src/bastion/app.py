@@ -17,8 +17,8 @@ import logging
 from typing import Any
 
 from bastion.api.http import MatrixApp, Request, RouteTable
-from bastion.core.signing import SigningKey
 from bastion.core.ids import is_valid_room_alias
+from bastion.core.signing import SigningKey
 from bastion.errors import BadJson, ConfigError, MatrixError
 from bastion.security.passwords import PasswordHasher
 from bastion.services.account_data import AccountDataService
@@ -92,7 +92,7 @@ class Homeserver:
         self.event_cache = EventCache(db)
         self.room_cache = RoomCache(db, self.event_cache)
         self.memberships = MembershipIndex(db)
-        self.persister = EventPersister(db, self.event_cache, self.memberships, self.notifier, positions[0])
+        self.persister = EventPersister(db, self.event_cache, self.room_cache, self.memberships, self.notifier, positions[0])
         self.events = EventService(
             server_name=server_name,
             signing_key=signing_key,

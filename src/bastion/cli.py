@@ -120,9 +120,7 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT."""
     import uvicorn
 
-    from bastion.app import create_app
-
-    from bastion.app import load_signing_key
+    from bastion.app import create_app, load_signing_key
 
     settings = _load(config_path)
     _setup_logging(settings.logging.level)

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.harness import MatrixError, MatrixHttp, ServerProcess
+from tests.harness import MatrixHttp, ServerProcess
 
 
 def login(client: MatrixHttp, user: str, password: str, **extra) -> httpx.Response:

@@ -157,17 +157,19 @@ def check_auth(event: Event, state: StateMap, signed_by: Collection[str] | None 
     create = state.get(CREATE)
     if create is None:
         raise AuthError("the room has no m.room.create event")
-    wanted = set(auth_types_for_event(event.type, event.state_key, event.sender, event.content))
-    by_id = {ev.event_id: key for key, ev in state.items() if ev.event_id in event.auth_events}
+    # Only the selected (type, state_key) pairs may appear, each once, as current state.
+    id_to_key: dict[str, StateKey] = {}
+    for key in auth_types_for_event(event.type, event.state_key, event.sender, event.content):
+        current = state.get(key)
+        if current is not None:
+            id_to_key[current.event_id] = key
     seen: set[StateKey] = set()
     for eid in event.auth_events:
-        key = by_id.get(eid)
+        key = id_to_key.get(eid)
         if key is None:
-            raise AuthError(f"auth event {eid} is not in the room's current state")
+            raise AuthError(f"auth event {eid} is not needed to authorise this event or is not current state")
         if key in seen:
             raise AuthError("duplicate auth events")
-        if key not in wanted:
-            raise AuthError(f"auth event {eid} is not needed to authorise this event")
         seen.add(key)
     if CREATE not in seen:
         raise AuthError("auth events do not include m.room.create")

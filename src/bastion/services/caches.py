@@ -102,6 +102,8 @@ class RoomSnapshot:
         self.recent_floor = recent_floor
         self.visibility = visibility
         self.lock = asyncio.Lock()
+        # Set when this view was retired after an error; holders must reload the room.
+        self.stale = False
         # Newest stream position of each sender's events: a user's own message marks
         # the room read up to it (until read receipts say more).
         self.last_event_by: dict[str, int] = dict(last_event_by or {})
@@ -315,3 +317,6 @@ class MembershipIndex:
 
     def drop(self, user_id: str) -> None:
         self._users.pop(user_id, None)
+
+    def drop_all(self) -> None:
+        self._users.clear()

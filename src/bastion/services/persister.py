@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bastion.core.events import Event
-from bastion.services.caches import EventCache, MembershipIndex, RoomSnapshot
+from bastion.services.caches import EventCache, MembershipIndex, RoomCache, RoomSnapshot
 from bastion.storage import events as events_store
 from bastion.storage.database import Database, Txn
 from bastion.streams.notifier import Notifier
@@ -76,12 +76,14 @@ class EventPersister:
         self,
         db: Database,
         event_cache: EventCache,
+        room_cache: RoomCache,
         memberships: MembershipIndex,
         notifier: Notifier,
         last_stream_ordering: int,
     ) -> None:
         self._db = db
         self._events = event_cache
+        self._rooms = room_cache
         self._memberships = memberships
         self._notifier = notifier
         self._last_stream = last_stream_ordering
@@ -126,7 +128,15 @@ class EventPersister:
                     if not fut.done():
                         fut.set_exception(error)
                     continue
-                self._publish(unit, woken)
+                try:
+                    self._publish(unit, woken)
+                except Exception:
+                    # The unit is committed; only the in-memory view is in doubt. Retire
+                    # it so the next request reloads the room from the database.
+                    log.exception("updating the in-memory view of %s failed", unit.room.room_id)
+                    unit.room.stale = True
+                    self._rooms.discard(unit.room.room_id)
+                    self._memberships.drop_all()
             self._notifier.advance(self._notifier.current.with_events(self._last_stream))
             self._notifier.notify_users(woken)
             for (_, fut), error in zip(batch, results, strict=True):

@@ -23,7 +23,7 @@ from bastion.core.auth_rules import check_auth, named_level, select_auth_events,
 from bastion.core.canonical_json import check_event_values
 from bastion.core.events import MAX_TYPE_OR_STATE_KEY_BYTES, Event, StateKey, build_event
 from bastion.core.signing import SigningKey
-from bastion.errors import AuthError, BadJson, Forbidden, NotFound, TooLarge
+from bastion.errors import AuthError, BadJson, Forbidden, NotFound, StorageUnavailable, TooLarge
 from bastion.services.caches import EventCache, RoomCache, RoomSnapshot
 from bastion.services.persister import EventPersister, PersistUnit, TxnKey
 from bastion.services.requester import Requester
@@ -110,7 +110,12 @@ class EventService:
         redaction_targets: dict[int, Event] | None = None,
     ) -> list[Event]:
         """Build and persist ``specs`` in order; the caller holds ``room.lock``."""
-        state = dict(room.state)
+        if room.stale:
+            raise StorageUnavailable("The room was reloaded; please retry")
+        # A single event needs no working copy of the state; a chain does, because each
+        # event is authorised against the state its predecessors produced.
+        chain = len(specs) > 1
+        state = dict(room.state) if chain else room.state
         prev = room.latest_event_id
         depth = room.depth
         built: list[Event] = []
@@ -158,7 +163,8 @@ class EventService:
                         "prev_sender": prior.sender,
                         "replaces_state": prior.event_id,
                     }
-                state[(event.type, event.state_key)] = event
+                if chain:
+                    state[(event.type, event.state_key)] = event
             if redaction_targets and index in redaction_targets:
                 targets[event.event_id] = redaction_targets[index]
             prev = event.event_id

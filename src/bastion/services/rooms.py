@@ -11,7 +11,13 @@ from typing import Any
 
 from bastion.clock import now_ms
 from bastion.core.auth_rules import join_rule, membership_of, named_level, user_power_level
-from bastion.core.ids import generate_room_id, is_valid_room_alias, is_valid_room_id, is_valid_user_id, server_of
+from bastion.core.ids import (
+    generate_room_id,
+    is_valid_room_alias,
+    is_valid_room_id,
+    is_valid_user_id,
+    server_of,
+)
 from bastion.core.room_versions import KNOWN_ROOM_VERSIONS
 from bastion.errors import BadJson, Forbidden, InvalidParam, MatrixError, NotFound
 from bastion.services.aliases import AliasService

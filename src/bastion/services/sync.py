@@ -144,7 +144,7 @@ class SyncService:
             if m.stream_ordering > token.events:
                 continue  # the change is newer than this response; the next sync reports it
             if m.membership == "join":
-                room = await self._rooms.get(room_id)
+                room = self._rooms.cached(room_id) or await self._rooms.get(room_id)
                 if room is None:
                     continue
                 ctx = _RoomCtx(room, m, token.events)
