@@ -47,6 +47,8 @@ def _setup_logging(level: str) -> None:
 @click.version_option(__version__, prog_name="bastion")
 def main() -> None:
     """Bastion: a self-hosted, security-first Matrix homeserver."""
+    # Files Bastion creates (database, WAL, keys, config) are private to its user.
+    os.umask(0o077)
 
 
 # -- init ------------------------------------------------------------------------------------
