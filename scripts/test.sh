@@ -25,4 +25,5 @@ if [ -f tests/js/package-lock.json ]; then
 fi
 
 .venv/bin/ruff check src tests bench
+.venv/bin/mypy src/bastion
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -165,12 +165,12 @@ def check_auth(event: Event, state: StateMap, signed_by: Collection[str] | None 
             id_to_key[current.event_id] = key
     seen: set[StateKey] = set()
     for eid in event.auth_events:
-        key = id_to_key.get(eid)
-        if key is None:
+        found = id_to_key.get(eid)
+        if found is None:
             raise AuthError(f"auth event {eid} is not needed to authorise this event or is not current state")
-        if key in seen:
+        if found in seen:
             raise AuthError("duplicate auth events")
-        seen.add(key)
+        seen.add(found)
     if CREATE not in seen:
         raise AuthError("auth events do not include m.room.create")
 
@@ -385,28 +385,35 @@ def _check_power_levels(event: Event, state: StateMap, sender_level: int) -> Non
     for key in _PL_INT_KEYS:
         if old.get(key) != content.get(key):
             old_value, new_value = old.get(key), content.get(key)
-            if _is_int(old_value) and old_value > sender_level:
+            if isinstance(old_value, int) and old_value > sender_level:
                 raise AuthError(f"cannot change {key!r}: its current value is above your level")
-            if _is_int(new_value) and new_value > sender_level:
+            if isinstance(new_value, int) and new_value > sender_level:
                 raise AuthError(f"cannot set {key!r} above your own power level")
 
     for key in ("events", "notifications"):
-        old_map = old.get(key) if isinstance(old.get(key), dict) else {}
-        new_map = content.get(key) if isinstance(content.get(key), dict) else {}
+        old_map = _int_map(old.get(key))
+        new_map = _int_map(content.get(key))
         for name in set(old_map) | set(new_map):
             if old_map.get(name) == new_map.get(name):
                 continue
-            if name in old_map and _is_int(old_map[name]) and old_map[name] > sender_level:
+            if name in old_map and old_map[name] > sender_level:
                 raise AuthError(f"cannot change {key}.{name}: its current value is above your level")
             if name in new_map and new_map[name] > sender_level:
                 raise AuthError(f"cannot set {key}.{name} above your own power level")
 
-    old_users = old.get("users") if isinstance(old.get("users"), dict) else {}
-    new_users = content.get("users") if isinstance(content.get("users"), dict) else {}
+    old_users = _int_map(old.get("users"))
+    new_users = _int_map(content.get("users"))
     for user in set(old_users) | set(new_users):
         if old_users.get(user) == new_users.get(user):
             continue
-        if user != event.sender and user in old_users and _is_int(old_users[user]) and old_users[user] >= sender_level:
+        if user != event.sender and user in old_users and old_users[user] >= sender_level:
             raise AuthError(f"cannot change the power level of {user}, who is at or above your level")
         if user in new_users and new_users[user] > sender_level:
             raise AuthError(f"cannot give {user} a power level above your own")
+
+
+def _int_map(value: Any) -> dict[str, int]:
+    """The integer entries of a power-levels mapping (others were rejected earlier or never counted)."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if _is_int(v)}

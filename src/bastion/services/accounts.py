@@ -174,7 +174,7 @@ class AccountService:
         username = _opt_str(body, "username", 255)
         if username is None:
             username = random_string(12).lower()
-        localpart = username.lower() if username == username.lower() else username
+        localpart = username
         self.validate_localpart(localpart)
         password = body.get("password")
         if password is None:
@@ -200,18 +200,18 @@ class AccountService:
             token_holder["token"] = token
 
         flows = [["m.login.registration_token"]] if self.registration_requires_token else [["m.login.dummy"]]
-        auth = await self._uia.authenticate(
+        await self._uia.authenticate(
             body,
             flows=flows,
             fingerprint=fingerprint,
             user_id=None,
             stage_handlers={"m.login.registration_token": check_token},
         )
+        # The token is spent in the same transaction that creates the account, so the
+        # request that completes the flow must carry it.
         token = token_holder.get("token")
         if token is None and self.registration_requires_token:
-            token = auth.get("token") if isinstance(auth.get("token"), str) else None
-            if token is None:
-                raise Forbidden("A registration token is required")
+            raise Forbidden("Send the registration token in the request that completes registration")
         user_id = await self.create_account(localpart, password, registration_token=token)
         if inhibit_login:
             return {"user_id": user_id, "home_server": self.server_name}
@@ -241,14 +241,11 @@ class AccountService:
 
     async def register_with_shared_secret(self, body: dict[str, Any]) -> dict[str, Any]:
         assert self._shared_secret is not None
-        nonce = body.get("nonce")
-        username = body.get("username")
-        password = body.get("password")
-        mac = body.get("mac")
+        nonce, username, password, mac = (body.get(k) for k in ("nonce", "username", "password", "mac"))
         admin = body.get("admin", False)
         user_type = body.get("user_type")
         displayname = body.get("displayname")
-        if not all(isinstance(v, str) for v in (nonce, username, password, mac)):
+        if not (isinstance(nonce, str) and isinstance(username, str) and isinstance(password, str) and isinstance(mac, str)):
             raise BadJson("nonce, username, password and mac are required strings")
         if not isinstance(admin, bool):
             raise BadJson("'admin' must be a boolean")
@@ -256,25 +253,22 @@ class AccountService:
             raise BadJson("'user_type' must be a string")
         if displayname is not None and not isinstance(displayname, str):
             raise BadJson("'displayname' must be a string")
-        issued = self._nonces.pop(nonce, None)  # type: ignore[arg-type]
+        issued = self._nonces.pop(nonce, None)
         if issued is None or time.monotonic() - issued > NONCE_LIFETIME_S:
             raise Forbidden("Unrecognised or expired nonce")
         want = hmac.new(self._shared_secret.encode(), digestmod="sha1")
-        want.update(nonce.encode())  # type: ignore[union-attr]
-        want.update(b"\x00")
-        want.update(username.encode())  # type: ignore[union-attr]
-        want.update(b"\x00")
-        want.update(password.encode())  # type: ignore[union-attr]
-        want.update(b"\x00")
+        for part in (nonce, username, password):
+            want.update(part.encode())
+            want.update(b"\x00")
         want.update(b"admin" if admin else b"notadmin")
         if user_type is not None:
             want.update(b"\x00")
             want.update(user_type.encode())
-        if not hmac.compare_digest(want.hexdigest(), mac):  # type: ignore[arg-type]
+        if not hmac.compare_digest(want.hexdigest().encode(), mac.encode()):
             raise Forbidden("HMAC incorrect")
-        localpart = username.lower()  # type: ignore[union-attr]
+        localpart = username.lower()
         self.check_password_policy(password)
-        user_id = await self.create_account(localpart, password, admin=admin, displayname=displayname)  # type: ignore[arg-type]
+        user_id = await self.create_account(localpart, password, admin=admin, displayname=displayname)
         session = await self._new_session(user_id, None, None)
         return session.to_dict(self.server_name)
 

@@ -175,14 +175,15 @@ class UiaService:
             raise InteractiveAuthRequired(self._challenge(session, flows, [], params))
         if not isinstance(auth, dict):
             raise BadJson("'auth' must be an object")
-        session = auth.get("session")
-        if session is None:
+        given = auth.get("session")
+        completed: list[str] = []
+        if given is None:
             session = secrets.token_urlsafe(24)
             await self._db.write(accounts_store.create_uia_session, session, user_id, fingerprint, ts)
-            completed: list[str] = []
         else:
-            if not isinstance(session, str):
+            if not isinstance(given, str):
                 raise BadJson("'auth.session' must be a string")
+            session = given
             stored = await self._db.read(accounts_store.get_uia_session, session)
             if stored is None or stored[3] < ts - UIA_SESSION_LIFETIME_MS:
                 raise MatrixError("Unknown or expired UIA session", errcode="M_UNRECOGNIZED", status=400)

@@ -148,15 +148,17 @@ class SyncService:
                 if room is None:
                     continue
                 ctx = _RoomCtx(room, m, token.events)
-                if changed or req.full_state:
+                body: dict[str, Any] | None
+                if changed or req.full_state or since_pos is None:
                     body = await self._room_full(req, ctx, None if changed else since_pos, limit, now, device_key)
                 else:
-                    if room.last_stream <= since_pos and room_id not in room_account_data:  # type: ignore[operator]
+                    if room.last_stream <= since_pos and room_id not in room_account_data:
                         continue
-                    body = await self._room_incremental(req, ctx, since_pos, limit, now, device_key)  # type: ignore[arg-type]
-                if body is None and room_id not in room_account_data:
-                    continue
-                body = body or self._empty_joined(since_pos)
+                    body = await self._room_incremental(req, ctx, since_pos, limit, now, device_key)
+                if body is None:
+                    if room_id not in room_account_data:
+                        continue
+                    body = self._empty_joined(since_pos)
                 body["account_data"] = {"events": room_account_data.get(room_id, [])}
                 await self._add_summary_and_counts(body, ctx, user)
                 join[room_id] = body

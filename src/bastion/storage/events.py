@@ -41,7 +41,7 @@ def _row_to_event(row: Sequence[Any]) -> Event:
     )
 
 
-def _load_rows(txn: Txn, rows: list[Sequence[Any]]) -> list[Event]:
+def _load_rows(txn: Txn, rows: Sequence[Sequence[Any]]) -> list[Event]:
     events = [_row_to_event(r) for r in rows]
     redactions: dict[str, list[Event]] = {}
     for row, event in zip(rows, events, strict=True):
