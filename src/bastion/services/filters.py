@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from bastion.core.filters import Filter
-from bastion.errors import InvalidParam
+from bastion.errors import BadJson, InvalidParam
 from bastion.storage import rooms as rooms_store
 from bastion.storage.database import Database
 
@@ -20,6 +20,27 @@ class FilterService:
         self._db = db
         self._cache: OrderedDict[tuple[str, int], Filter] = OrderedDict()
         self._max = cache_size
+        self._inline: OrderedDict[str, Filter] = OrderedDict()
+
+    def parse_inline(self, raw: str) -> Filter:
+        """A filter given as JSON in the query string; parsed once per distinct string."""
+        cached = self._inline.get(raw)
+        if cached is not None:
+            return cached
+        if len(raw) > MAX_FILTER_BYTES:
+            raise InvalidParam("Filter is too large")
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidParam("'filter' is not valid JSON") from None
+        try:
+            parsed = Filter.parse(value)
+        except BadJson as exc:
+            raise InvalidParam(exc.message) from None
+        self._inline[raw] = parsed
+        if len(self._inline) > 1000:
+            self._inline.popitem(last=False)
+        return parsed
 
     async def create(self, user_id: str, body: dict[str, Any]) -> str:
         Filter.parse(body)  # raises M_BAD_JSON with the reason

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ from bastion.services.persister import EventPersister, PersistUnit, TxnKey
 from bastion.services.requester import Requester
 from bastion.storage import events as events_store
 from bastion.storage.database import Database, Txn
+
+RECENT_TXNS = 20_000
 
 Validator = Callable[[Event, dict[StateKey, Event]], Awaitable[None] | None]
 
@@ -78,6 +81,9 @@ class EventService:
         self.events = events
         self.persister = persister
         self._inflight: dict[TxnKey, _Inflight] = {}
+        # Transaction IDs answered recently, so quick retries cost nothing; older ones
+        # are found by the unique key in the same transaction that stores the event.
+        self._recent_txns: OrderedDict[TxnKey, str] = OrderedDict()
         self.validators: list[Validator] = []
 
     async def get_room(self, room_id: str) -> RoomSnapshot:
@@ -194,19 +200,26 @@ class EventService:
             event = await make(None)
             return event.event_id
         key: TxnKey = (requester.user_id, requester.device_id, txn_scope, txn_id)
+        done = self._recent_txns.get(key)
+        if done is not None:
+            return done
         inflight = self._inflight.get(key)
         if inflight is not None:
             return await asyncio.shield(inflight.future)
         entry = _Inflight()
         self._inflight[key] = entry
         try:
-            existing = await self._db.read(events_store.get_txn_event_id, *key)
-            if existing is not None:
-                entry.future.set_result(existing)
-                return existing
-            event = await make(key)
-            entry.future.set_result(event.event_id)
-            return event.event_id
+            try:
+                event_id = (await make(key)).event_id
+            except events_store.DuplicateTransaction as dup:
+                # Seen before (e.g. before a restart): the stored mapping wins and the
+                # event just built was rolled back with its savepoint.
+                event_id = dup.event_id
+            entry.future.set_result(event_id)
+            self._recent_txns[key] = event_id
+            if len(self._recent_txns) > RECENT_TXNS:
+                self._recent_txns.popitem(last=False)
+            return event_id
         except BaseException as exc:
             entry.future.set_exception(exc)
             entry.future.exception()

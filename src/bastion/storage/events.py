@@ -184,6 +184,14 @@ def get_visibility_history(txn: Txn, room_id: str) -> list[tuple[int, Any]]:
     return [(r[0], orjson.loads(r[1]).get("content", {}).get("history_visibility")) for r in rows]
 
 
+class DuplicateTransaction(Exception):
+    """The (user, device, endpoint, txnId) was used before, for ``event_id``."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(event_id)
+        self.event_id = event_id
+
+
 # -- transaction IDs ----------------------------------------------------------------------
 
 
@@ -238,10 +246,14 @@ def insert_event(txn: Txn, event: Event, txn_key: tuple[str, str, str, str] | No
     )
     if txn_key is not None:
         user_id, device_id, scope, txn_id = txn_key
-        txn.execute(
-            "INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_id, created_ts) VALUES (?, ?, ?, ?, ?, ?)",
+        inserted = txn.execute(
+            "INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_id, created_ts) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (user_id, device_id, scope, txn_id) DO NOTHING",
             (user_id, device_id, scope, txn_id, event.event_id, now_ms),
         )
+        if inserted != 1:
+            existing = get_txn_event_id(txn, user_id, device_id, scope, txn_id)
+            raise DuplicateTransaction(existing or "")
     if event.state_key is not None:
         txn.execute(
             "INSERT INTO current_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?) "

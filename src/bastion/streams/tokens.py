@@ -10,7 +10,7 @@ field), as the spec requires for ``prev_batch``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from bastion.errors import InvalidParam
 
@@ -22,15 +22,18 @@ class StreamToken:
     events: int = 0
     account_data: int = 0
 
+    def _values(self) -> tuple[int, ...]:
+        return (self.events, self.account_data)
+
     def encode(self) -> str:
-        return "s" + "_".join(str(getattr(self, f.name)) for f in fields(self))
+        return "s" + "_".join(map(str, self._values()))
 
     @classmethod
     def decode(cls, text: str, what: str = "since") -> StreamToken:
         if not text.startswith("s") or len(text) > 200:
             raise InvalidParam(f"'{what}' is not a valid sync token")
         parts = text[1:].split("_")
-        names = [f.name for f in fields(cls)]
+        names = _NAMES
         if len(parts) > len(names) or not parts[0]:
             raise InvalidParam(f"'{what}' is not a valid sync token")
         values: dict[str, int] = {}
@@ -42,16 +45,19 @@ class StreamToken:
 
     def is_after(self, other: StreamToken) -> bool:
         """True if any stream in ``self`` is ahead of ``other``."""
-        return any(getattr(self, f.name) > getattr(other, f.name) for f in fields(self))
+        return any(a > b for a, b in zip(self._values(), other._values(), strict=True))
 
     def max(self, other: StreamToken) -> StreamToken:
-        return StreamToken(**{f.name: max(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+        return StreamToken(*(max(a, b) for a, b in zip(self._values(), other._values(), strict=True)))
 
     def min(self, other: StreamToken) -> StreamToken:
-        return StreamToken(**{f.name: min(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
+        return StreamToken(*(min(a, b) for a, b in zip(self._values(), other._values(), strict=True)))
 
     def with_events(self, position: int) -> StreamToken:
         return replace(self, events=position)
+
+
+_NAMES = ("events", "account_data")
 
 
 def encode_pagination(position: int) -> str:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from bastion.api.http import CLIENT_V3, Request, Response, RouteTable
 from bastion.core.filters import Filter
-from bastion.errors import BadJson, Forbidden, InvalidParam, NotFound
+from bastion.errors import Forbidden, InvalidParam, NotFound
 from bastion.services.sync import SyncRequest
 from bastion.streams.tokens import StreamToken
 
@@ -24,14 +22,7 @@ async def _resolve_filter(req: Request, raw: str | None) -> Filter:
     if raw is None or raw == "":
         return Filter()
     if raw.startswith("{"):
-        try:
-            value = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise InvalidParam("'filter' is not valid JSON") from None
-        try:
-            return Filter.parse(value)
-        except BadJson as exc:
-            raise InvalidParam(exc.message) from None
+        return req.hs.filters.parse_inline(raw)
     return await req.hs.filters.get(req.requester.user_id, raw)
 
 
