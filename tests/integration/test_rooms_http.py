@@ -265,3 +265,29 @@ def test_state_key_with_slash_round_trips(alice: MatrixHttp) -> None:
     assert alice.call("GET", f"/_matrix/client/v3/rooms/{room}/state/org.example.thing/a%2Fb") == {"v": 1}
     event = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/state/org.example.thing/a%2Fb", params={"format": "event"})
     assert event["state_key"] == "a/b"
+
+
+def test_nul_characters_are_refused_not_crashing(alice: MatrixHttp) -> None:
+    """PostgreSQL text cannot hold NUL; every entry point refuses it with a 4xx."""
+    room = alice.create_room()
+    cases = [
+        ("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message%00/t1", {"body": "x"}),
+        ("PUT", f"/_matrix/client/v3/rooms/{room}/state/m.room.topic/%00", {"topic": "x"}),
+        ("GET", f"/_matrix/client/v3/rooms/{room}/event/$abc%00def", None),
+        ("GET", "/_matrix/client/v3/directory/room/%23a%00b:localhost", None),
+        ("POST", "/_matrix/client/v3/createRoom", {"initial_state": [{"type": "a\u0000b", "content": {}}]}),
+        ("POST", "/_matrix/client/v3/createRoom", {"invite": ["@a\u0000:localhost"]}),
+        ("PUT", f"/_matrix/client/v3/profile/{alice.user_id}/displayname", {"displayname": "a\u0000b"}),
+        ("PUT", "/_matrix/client/v3/directory/room/%23nul:localhost", {"room_id": "!a\u0000:localhost"}),
+    ]
+    for method, path, body in cases:
+        resp = alice.raw(method, path, json=body)
+        assert 400 <= resp.status_code < 500, (path, resp.status_code, resp.text)
+        assert resp.json()["errcode"].startswith("M_")
+    resp = alice.raw("GET", "/_matrix/client/v3/sync", params={"since": "s1\x00"})
+    assert resp.status_code == 400
+    # NUL inside message content is fine: it is data, stored in the event blob.
+    event_id = alice.send(room, "before\u0000after")
+    assert alice.call("GET", f"/_matrix/client/v3/rooms/{room}/event/{event_id}")["content"]["body"] == "before\u0000after"
+    relation = {"msgtype": "m.text", "body": "r", "m.relates_to": {"rel_type": "m.thread\u0000", "event_id": "$x\u0000"}}
+    assert alice.send(room, relation)

@@ -95,6 +95,9 @@ class Request:
                 self._query = parse_qs(raw.decode("utf-8"), keep_blank_values=True, errors="strict") if raw else {}
             except (UnicodeDecodeError, ValueError):
                 raise InvalidParam("The query string is not valid UTF-8") from None
+            for key, values in self._query.items():
+                if "\x00" in key or any("\x00" in v for v in values):
+                    raise InvalidParam("The query string contains a NUL character")
         return self._query
 
     def query_str(self, name: str, default: str | None = None) -> str | None:
@@ -253,7 +256,10 @@ class RouteTable:
                 continue
             params = {}
             for name, raw in zip(route.names, m.groups(), strict=True):
-                params[name] = unquote(raw, errors="strict") if raw is not None else ""
+                value = unquote(raw, errors="strict") if raw is not None else ""
+                if "\x00" in value:
+                    raise InvalidParam(f"path parameter '{name}' contains a NUL character")
+                params[name] = value
             return route, params, True
         return None, {}, path_known
 
@@ -398,4 +404,6 @@ def body_str(body: dict[str, Any], key: str, *, required: bool = False, max_len:
         raise BadJson(f"'{key}' must be a string")
     if len(value) > max_len:
         raise BadJson(f"'{key}' is too long")
+    if "\x00" in value:
+        raise BadJson(f"'{key}' contains a NUL character")
     return value

@@ -52,7 +52,7 @@ def is_valid_server_name(name: str) -> bool:
 
 def split_id(identifier: str, sigil: str) -> tuple[str, str] | None:
     """Split ``<sigil>localpart:server`` into (localpart, server), or None if malformed."""
-    if not identifier or identifier[0] != sigil or ":" not in identifier:
+    if not identifier or identifier[0] != sigil or ":" not in identifier or "\x00" in identifier:
         return None
     local, _, server = identifier[1:].partition(":")
     if not local or not server or not is_valid_server_name(server):
@@ -90,6 +90,7 @@ def is_valid_event_id(event_id: object) -> bool:
         isinstance(event_id, str)
         and 1 < len(event_id.encode()) <= MAX_ID_LENGTH
         and event_id[0] == "$"
+        and "\x00" not in event_id
     )
 
 

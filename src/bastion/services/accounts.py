@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from bastion.clock import now_ms
-from bastion.core.ids import generate_device_id, is_valid_localpart, is_valid_user_id, random_string
+from bastion.core.ids import (
+    generate_device_id,
+    is_valid_localpart,
+    is_valid_opaque_id,
+    is_valid_user_id,
+    random_string,
+)
 from bastion.errors import BadJson, Forbidden, InvalidParam, MatrixError, MissingParam
 from bastion.security.tokens import generate_access_token, hash_token
 from bastion.services.auth import AuthService, UiaService
@@ -66,6 +72,8 @@ def _opt_str(body: dict[str, Any], key: str, max_len: int = 1024) -> str | None:
         raise BadJson(f"'{key}' must be a string")
     if len(value) > max_len:
         raise BadJson(f"'{key}' is too long")
+    if "\x00" in value:
+        raise BadJson(f"'{key}' contains a NUL character")
     return value
 
 
@@ -192,8 +200,8 @@ class AccountService:
 
         async def check_token(auth: dict[str, Any]) -> None:
             token = auth.get("token")
-            if not isinstance(token, str):
-                raise Forbidden("Missing registration token")
+            if not isinstance(token, str) or not is_valid_opaque_id(token, 64):
+                raise Forbidden("Missing or malformed registration token")
             row = await self._db.read(accounts_store.get_registration_token, token)
             if row is None or not row.usable(now_ms()):
                 raise Forbidden("Invalid registration token")
@@ -221,6 +229,8 @@ class AccountService:
     async def registration_token_valid(self, token: str) -> bool:
         if not self.registration_enabled or not self.registration_requires_token:
             raise Forbidden("Registration tokens are not in use on this server")
+        if not is_valid_opaque_id(token, 64):
+            return False
         row = await self._db.read(accounts_store.get_registration_token, token)
         return row is not None and row.usable(now_ms())
 

@@ -181,8 +181,8 @@ class UiaService:
             session = secrets.token_urlsafe(24)
             await self._db.write(accounts_store.create_uia_session, session, user_id, fingerprint, ts)
         else:
-            if not isinstance(given, str):
-                raise BadJson("'auth.session' must be a string")
+            if not isinstance(given, str) or "\x00" in given or len(given) > 255:
+                raise BadJson("'auth.session' must be a session ID string")
             session = given
             stored = await self._db.read(accounts_store.get_uia_session, session)
             if stored is None or stored[3] < ts - UIA_SESSION_LIFETIME_MS:

@@ -48,6 +48,8 @@ class ProfileService:
             raise BadJson(f"'{field}' must be a string")
         if value is not None and len(value) > FIELDS[field]:
             raise BadJson(f"'{field}' is too long")
+        if value is not None and "\x00" in value:
+            raise BadJson(f"'{field}' contains a NUL character")
         if field == "avatar_url" and value and not value.startswith("mxc://"):
             raise BadJson("'avatar_url' must be an mxc:// URI")
         if await self._db.read(accounts_store.get_profile, user_id) is None:

@@ -60,6 +60,8 @@ def validate_event_fields(event_type: str, state_key: str | None, content: Any) 
         raise TooLarge("event type is longer than 255 bytes")
     if state_key is not None and len(state_key.encode()) > MAX_TYPE_OR_STATE_KEY_BYTES:
         raise TooLarge("state key is longer than 255 bytes")
+    if "\x00" in event_type or (state_key is not None and "\x00" in state_key):
+        raise BadJson("event type and state key may not contain NUL characters")
     check_event_values(content)
 
 

@@ -210,10 +210,11 @@ def _relation(event: Event) -> tuple[str | None, str | None]:
     if isinstance(rel, dict):
         target = rel.get("event_id")
         rel_type = rel.get("rel_type")
-        if isinstance(target, str):
-            return target, rel_type if isinstance(rel_type, str) else None
+        if isinstance(target, str) and "\x00" not in target:
+            ok_type = isinstance(rel_type, str) and "\x00" not in rel_type
+            return target, rel_type if ok_type else None
         reply = rel.get("m.in_reply_to")
-        if isinstance(reply, dict) and isinstance(reply.get("event_id"), str):
+        if isinstance(reply, dict) and isinstance(reply.get("event_id"), str) and "\x00" not in reply["event_id"]:
             return reply["event_id"], "m.in_reply_to"
     return None, None
 
