@@ -205,7 +205,8 @@ class RoomReadService:
             at = max(e.stream_ordering for e in chunk)
             member_state = await self._state_at(access.room, at, [("m.room.member", s) for s in senders])
             state = list(member_state.values())
-        return MessagesPage(chunk, encode_pagination(start_pos), end, state)
+        # The spec: `start` "will be the same as the value given in `from`".
+        return MessagesPage(chunk, from_token if from_token is not None else encode_pagination(start_pos), end, state)
 
     async def context(
         self, requester: Requester, room_id: str, event_id: str, limit: int, event_filter: EventFilter
