@@ -29,15 +29,19 @@ from bastion.services.caches import EventCache, MembershipIndex, RoomCache
 from bastion.services.deactivation import DeactivationService
 from bastion.services.filters import FilterService
 from bastion.services.persister import EventPersister
+from bastion.services.presence import PresenceService
 from bastion.services.profiles import ProfileService
+from bastion.services.receipts import ReceiptsService
 from bastion.services.room_events import EventService
 from bastion.services.room_reads import RoomReadService
 from bastion.services.rooms import RoomService
 from bastion.services.signals import SignalPoller
 from bastion.services.sync import SyncService
+from bastion.services.typing import TypingService
 from bastion.settings import Settings
 from bastion.storage import accounts as accounts_store
 from bastion.storage import events as events_store
+from bastion.storage import receipts as receipts_store
 from bastion.storage import rooms as rooms_store
 from bastion.storage.database import Database, open_database
 from bastion.storage.migrate import migrate
@@ -76,23 +80,27 @@ def open_migrated_database(settings: Settings) -> Database:
     )
 
 
-def _initial_positions(txn: Any) -> tuple[int, int]:
-    return events_store.max_stream_ordering(txn), rooms_store.max_account_data_stream(txn)
+def _initial_positions(txn: Any) -> StreamToken:
+    return StreamToken(
+        events=events_store.max_stream_ordering(txn),
+        account_data=rooms_store.max_account_data_stream(txn),
+        receipts=receipts_store.max_receipt_stream(txn),
+    )
 
 
 class Homeserver:
     """All services of one server, built from one :class:`Settings`."""
 
-    def __init__(self, settings: Settings, db: Database, signing_key: SigningKey, positions: tuple[int, int]) -> None:
+    def __init__(self, settings: Settings, db: Database, signing_key: SigningKey, positions: StreamToken) -> None:
         self.settings = settings
         self.db = db
         self.signing_key = signing_key
         server_name = settings.server_name
-        self.notifier = Notifier(StreamToken(events=positions[0], account_data=positions[1]))
+        self.notifier = Notifier(positions)
         self.event_cache = EventCache(db)
         self.room_cache = RoomCache(db, self.event_cache)
         self.memberships = MembershipIndex(db)
-        self.persister = EventPersister(db, self.event_cache, self.room_cache, self.memberships, self.notifier, positions[0])
+        self.persister = EventPersister(db, self.event_cache, self.room_cache, self.memberships, self.notifier, positions.events)
         self.events = EventService(
             server_name=server_name,
             signing_key=signing_key,
@@ -118,7 +126,17 @@ class Homeserver:
             notifier=self.notifier,
             max_limit=settings.limits.messages_limit_max,
         )
-        self.account_data = AccountDataService(db, self.notifier, positions[1])
+        self.account_data = AccountDataService(db, self.notifier, positions.account_data)
+        self.receipts = ReceiptsService(db, self.room_cache, self.event_cache, self.notifier, self.account_data, positions.receipts)
+        self.typing = TypingService(self.room_cache, self.notifier)
+        self.presence = PresenceService(
+            enabled=settings.presence.enabled,
+            rooms=self.room_cache,
+            memberships=self.memberships,
+            notifier=self.notifier,
+            idle_after_s=settings.presence.idle_after_s,
+            offline_after_s=settings.presence.offline_after_s,
+        )
         self.sync = SyncService(
             db=db,
             rooms=self.room_cache,
@@ -126,6 +144,9 @@ class Homeserver:
             memberships=self.memberships,
             notifier=self.notifier,
             account_data=self.account_data,
+            receipts=self.receipts,
+            typing=self.typing,
+            presence=self.presence,
             max_timeout_ms=settings.limits.sync_max_timeout_ms,
             timeline_limit_max=settings.limits.timeline_limit_max,
         )
@@ -148,8 +169,15 @@ class Homeserver:
         self.signals = SignalPoller(db)
         self.signals.on("deactivated", self.deactivation.finish)
         self.signals.on("user_tokens", self.auth.forget_user)
+        self.persister.listeners.append(self._after_persist)
         self._tasks: list[asyncio.Task[Any]] = []
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
+
+    def _after_persist(self, unit: Any) -> None:
+        """Side effects of committed events on ephemeral state."""
+        for event in unit.events:
+            if event.type == "m.room.member" and event.state_key is not None and event.membership != "join":
+                self.typing.stop_user(event.room_id, event.state_key)
 
     async def _validate_canonical_alias(self, event: Any, state: Any) -> None:
         """m.room.canonical_alias may only name aliases that point to the room (spec: M_BAD_ALIAS)."""
@@ -179,7 +207,8 @@ class Homeserver:
         await hs.signals.start()
         hs._tasks.append(asyncio.create_task(hs._periodic(), name="periodic"))
         hs._tasks.append(asyncio.create_task(hs.deactivation.finish_pending(), name="pending-deactivations"))
-        log.info("Bastion ready for %s (stream position %d)", settings.server_name, positions[0])
+        hs.presence.start()
+        log.info("Bastion ready for %s (stream position %d)", settings.server_name, positions.events)
         return hs
 
     async def _periodic(self) -> None:
@@ -211,6 +240,8 @@ class Homeserver:
     async def close(self) -> None:
         self.notifier.shutdown()
         await self.persister.flush()
+        await self.presence.stop()
+        self.typing.close()
         await self.signals.stop()
         for task in self._tasks:
             task.cancel()
@@ -225,10 +256,10 @@ class Homeserver:
 
 def build_routes() -> RouteTable:
     from bastion.api.admin import register as admin_register
-    from bastion.api.client import account, discovery, profile, rooms, sync
+    from bastion.api.client import account, discovery, ephemeral, profile, rooms, sync
 
     routes = RouteTable()
-    for module in (discovery, account, rooms, sync, profile, admin_register):
+    for module in (discovery, account, rooms, sync, profile, ephemeral, admin_register):
         module.register(routes)
     return routes
 

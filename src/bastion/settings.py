@@ -113,6 +113,12 @@ class AdminApiSettings(_Section):
         return value
 
 
+class PresenceSettings(_Section):
+    enabled: bool = True
+    idle_after_s: Annotated[float, Field(ge=10, le=86400)] = 300
+    offline_after_s: Annotated[float, Field(ge=5, le=3600)] = 30
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = False
@@ -133,6 +139,7 @@ class Settings(_Section):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     admin_api: AdminApiSettings = Field(default_factory=AdminApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    presence: PresenceSettings = Field(default_factory=PresenceSettings)
     well_known: WellKnownSettings = Field(default_factory=WellKnownSettings)
     trusted_proxies: list[str] = Field(default_factory=list)
     default_room_version: str = "10"

@@ -28,7 +28,10 @@ from bastion.core.notifications import classify
 from bastion.core.visibility import is_visible
 from bastion.services.account_data import AccountDataService
 from bastion.services.caches import EventCache, Membership, MembershipIndex, RoomCache, RoomSnapshot
+from bastion.services.presence import PresenceService
+from bastion.services.receipts import ReceiptsService
 from bastion.services.requester import Requester
+from bastion.services.typing import TypingService
 from bastion.storage import events as events_store
 from bastion.storage.database import Database
 from bastion.streams.notifier import Notifier
@@ -47,6 +50,7 @@ class SyncRequest:
     full_state: bool = False
     use_state_after: bool = False
     timeline_limit: int = 10
+    set_presence: str | None = None
 
 
 @dataclass
@@ -78,6 +82,9 @@ class SyncService:
         memberships: MembershipIndex,
         notifier: Notifier,
         account_data: AccountDataService,
+        receipts: ReceiptsService,
+        typing: TypingService,
+        presence: PresenceService,
         max_timeout_ms: int,
         timeline_limit_max: int,
     ) -> None:
@@ -87,6 +94,9 @@ class SyncService:
         self._memberships = memberships
         self._notifier = notifier
         self._account_data = account_data
+        self._receipts = receipts
+        self._typing = typing
+        self._presence = presence
         self._max_timeout_ms = max_timeout_ms
         self._timeline_limit_max = timeline_limit_max
         self._unread: OrderedDict[tuple[str, str], _Unread] = OrderedDict()
@@ -95,6 +105,14 @@ class SyncService:
     # -- entry point ----------------------------------------------------------------------
 
     async def sync(self, req: SyncRequest) -> bytes:
+        user = req.requester.user_id
+        await self._presence.sync_started(user, req.set_presence)
+        try:
+            return await self._sync(req)
+        finally:
+            self._presence.sync_finished(user)
+
+    async def _sync(self, req: SyncRequest) -> bytes:
         user = req.requester.user_id
         timeout_s = min(max(req.timeout_ms, 0), self._max_timeout_ms) / 1000
         deadline = time.monotonic() + timeout_s
@@ -149,16 +167,27 @@ class SyncService:
                     continue
                 ctx = _RoomCtx(room, m, token.events)
                 body: dict[str, Any] | None
-                if changed or req.full_state or since_pos is None:
+                full = changed or req.full_state or since_pos is None
+                ephemeral_after = None if full or since is None else since
+                if full:
                     body = await self._room_full(req, ctx, None if changed else since_pos, limit, now, device_key)
                 else:
-                    if room.last_stream <= since_pos and room_id not in room_account_data:
+                    assert since is not None and since_pos is not None
+                    quiet = (
+                        room.last_stream <= since_pos
+                        and room_id not in room_account_data
+                        and self._typing.room_stream(room_id) <= since.typing
+                        and (self._receipts.room_stream(room_id) or 0) <= since.receipts
+                    )
+                    if quiet and self._receipts.room_stream(room_id) is not None:
                         continue
                     body = await self._room_incremental(req, ctx, since_pos, limit, now, device_key)
+                ephemeral = await self._ephemeral(req, room_id, ephemeral_after, token)
                 if body is None:
-                    if room_id not in room_account_data:
+                    if room_id not in room_account_data and not ephemeral:
                         continue
                     body = self._empty_joined(since_pos)
+                body["ephemeral"] = {"events": ephemeral}
                 body["account_data"] = {"events": room_account_data.get(room_id, [])}
                 await self._add_summary_and_counts(body, ctx, user)
                 join[room_id] = body
@@ -197,11 +226,28 @@ class SyncService:
             if req.filter.account_data.allows(t, None)
         ]
         response["account_data"] = {"events": global_events}
-        response["presence"] = {"events": []}
-        has_data = bool(join or invite or leave or global_events)
+        joined_rooms = [r for r, m in memberships.items() if m.membership == "join"]
+        presence = await self._presence.events_for(user, joined_rooms, since.presence if since else None, token.presence)
+        presence = [e for e in presence if req.filter.presence.allows(e["type"], e["sender"])]
+        response["presence"] = {"events": presence}
+        has_data = bool(join or invite or leave or global_events or presence)
         return orjson.dumps(response), has_data
 
     # -- rooms ------------------------------------------------------------------------------------
+
+    async def _ephemeral(self, req: SyncRequest, room_id: str, since: StreamToken | None, token: StreamToken) -> list[dict[str, Any]]:
+        eph_filter = req.filter.room.ephemeral
+        out: list[dict[str, Any]] = []
+        typing = self._typing.typing_event(room_id, since.typing if since else None, token.typing)
+        if typing is not None and eph_filter.allows("m.typing", None, room_id):
+            out.append(typing)
+        if eph_filter.allows("m.receipt", None, room_id):
+            receipts = await self._receipts.receipts_event(
+                room_id, req.requester.user_id, since.receipts if since else None, token.receipts
+            )
+            if receipts is not None:
+                out.append(receipts)
+        return out
 
     def _empty_joined(self, since_pos: int | None) -> dict[str, Any]:
         return {
@@ -516,7 +562,7 @@ class SyncService:
         body["unread_notifications"] = {"notification_count": notifications, "highlight_count": highlights}
 
     async def _unread_counts(self, room: RoomSnapshot, user: str, upto: int) -> tuple[int, int]:
-        read_pos = room.last_event_by.get(user, 0)
+        read_pos = max(room.last_event_by.get(user, 0), await self._receipts.read_position(room.room_id, user))
         key = (user, room.room_id)
         entry = self._unread.get(key)
         if entry is None or entry.read_pos != read_pos or entry.counted_upto > upto:

@@ -1,9 +1,11 @@
 """Sync and pagination tokens.
 
-A sync token is a tuple of stream positions, one per stream a client can sync
-(room events, account data, ...), written ``s<events>_<account_data>``. Streams
-added later append a field; tokens from an older server parse with the missing
-fields as 0. Pagination tokens for ``/messages`` name one position in the event
+A sync token is a tuple of stream positions, one per stream a client can sync,
+written ``s<events>_<account_data>_<receipts>_<typing>_<presence>_<to_device>_<device_lists>``.
+Streams added later append a field; tokens from an older server parse with the
+missing fields as 0. Typing and presence positions live in memory only: after a
+restart they start again from 0, and a client's larger position is clamped to the
+server's current one (see ``SyncService.sync``), so nothing is skipped. Pagination tokens for ``/messages`` name one position in the event
 stream, ``t<stream_ordering>``; ``/messages`` also accepts sync tokens (their events
 field), as the spec requires for ``prev_batch``.
 """
@@ -21,9 +23,17 @@ _MAX = 2**62
 class StreamToken:
     events: int = 0
     account_data: int = 0
+    receipts: int = 0
+    typing: int = 0
+    presence: int = 0
+    to_device: int = 0
+    device_lists: int = 0
 
     def _values(self) -> tuple[int, ...]:
-        return (self.events, self.account_data)
+        return (
+            self.events, self.account_data, self.receipts, self.typing,
+            self.presence, self.to_device, self.device_lists,
+        )
 
     def encode(self) -> str:
         return "s" + "_".join(map(str, self._values()))
@@ -57,7 +67,7 @@ class StreamToken:
         return replace(self, events=position)
 
 
-_NAMES = ("events", "account_data")
+_NAMES = ("events", "account_data", "receipts", "typing", "presence", "to_device", "device_lists")
 
 
 def encode_pagination(position: int) -> str:

@@ -42,6 +42,7 @@ async def sync(req: Request) -> Response:
         full_state=req.query_bool("full_state"),
         use_state_after=req.query_bool("use_state_after"),
         timeline_limit=req.hs.settings.limits.timeline_limit_default,
+        set_presence=set_presence,
     )
     return Response(await req.hs.sync.sync(request))
 

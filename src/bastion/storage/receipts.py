@@ -1,0 +1,43 @@
+"""Read receipts (public and private, threaded and unthreaded)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bastion.storage.database import Txn
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptRow:
+    room_id: str
+    user_id: str
+    receipt_type: str
+    thread_id: str
+    event_id: str
+    event_stream: int
+    ts: int
+    stream_id: int
+
+
+_COLUMNS = "room_id, user_id, receipt_type, thread_id, event_id, event_stream, ts, stream_id"
+
+
+def upsert_receipt(txn: Txn, row: ReceiptRow) -> bool:
+    """Store the receipt unless an existing one points at a later event. True if stored."""
+    updated = txn.execute(
+        f"INSERT INTO receipts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (room_id, user_id, receipt_type, thread_id) DO UPDATE SET "
+        "event_id = excluded.event_id, event_stream = excluded.event_stream, ts = excluded.ts, "
+        "stream_id = excluded.stream_id WHERE receipts.event_stream < excluded.event_stream",
+        (row.room_id, row.user_id, row.receipt_type, row.thread_id, row.event_id, row.event_stream, row.ts, row.stream_id),
+    )
+    return updated == 1
+
+
+def room_receipts(txn: Txn, room_id: str) -> list[ReceiptRow]:
+    rows = txn.fetchall(f"SELECT {_COLUMNS} FROM receipts WHERE room_id = ? ORDER BY stream_id", (room_id,))
+    return [ReceiptRow(*r) for r in rows]
+
+
+def max_receipt_stream(txn: Txn) -> int:
+    return int(txn.fetchval("SELECT COALESCE(MAX(stream_id), 0) FROM receipts"))
