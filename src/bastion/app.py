@@ -27,6 +27,8 @@ from bastion.services.aliases import AliasService
 from bastion.services.auth import AuthService, PasswordChecker, UiaService
 from bastion.services.caches import EventCache, MembershipIndex, RoomCache
 from bastion.services.deactivation import DeactivationService
+from bastion.services.devices import DeviceService
+from bastion.services.directory import DirectoryService
 from bastion.services.filters import FilterService
 from bastion.services.persister import EventPersister
 from bastion.services.presence import PresenceService
@@ -111,12 +113,20 @@ class Homeserver:
         )
         self.aliases = AliasService(server_name, db, self.events)
         self.events.validators.append(self._validate_canonical_alias)
+        self.directory = DirectoryService(
+            db,
+            self.room_cache,
+            server_name,
+            publishers=settings.room_directory.publishers,
+            search_all_users=settings.user_directory.search_all_users,
+        )
         self.rooms = RoomService(
             server_name=server_name,
             db=db,
             events=self.events,
             memberships=self.memberships,
             aliases=self.aliases,
+            directory=self.directory,
             default_room_version=settings.default_room_version,
         )
         self.reads = RoomReadService(
@@ -165,6 +175,7 @@ class Homeserver:
             shared_secret=settings.registration.resolved_shared_secret(),
         )
         self.profiles = ProfileService(db, self.events, self.memberships)
+        self.devices = DeviceService(db, self.auth, self.uia)
         self.deactivation = DeactivationService(db, self.auth, self.rooms, self.memberships)
         self.signals = SignalPoller(db)
         self.signals.on("deactivated", self.deactivation.finish)
@@ -256,10 +267,10 @@ class Homeserver:
 
 def build_routes() -> RouteTable:
     from bastion.api.admin import register as admin_register
-    from bastion.api.client import account, discovery, ephemeral, profile, rooms, sync
+    from bastion.api.client import account, directory, discovery, ephemeral, profile, rooms, sync
 
     routes = RouteTable()
-    for module in (discovery, account, rooms, sync, profile, ephemeral, admin_register):
+    for module in (discovery, account, rooms, sync, profile, ephemeral, directory, admin_register):
         module.register(routes)
     return routes
 

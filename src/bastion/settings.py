@@ -119,6 +119,15 @@ class PresenceSettings(_Section):
     offline_after_s: Annotated[float, Field(ge=5, le=3600)] = 30
 
 
+class RoomDirectorySettings(_Section):
+    publishers: Literal["admins", "room_moderators"] = "admins"
+    public_without_auth: bool = False
+
+
+class UserDirectorySettings(_Section):
+    search_all_users: bool = False
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = False
@@ -140,6 +149,8 @@ class Settings(_Section):
     admin_api: AdminApiSettings = Field(default_factory=AdminApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     presence: PresenceSettings = Field(default_factory=PresenceSettings)
+    room_directory: RoomDirectorySettings = Field(default_factory=RoomDirectorySettings)
+    user_directory: UserDirectorySettings = Field(default_factory=UserDirectorySettings)
     well_known: WellKnownSettings = Field(default_factory=WellKnownSettings)
     trusted_proxies: list[str] = Field(default_factory=list)
     default_room_version: str = "10"

@@ -113,7 +113,7 @@ def test_typing_with_expiry_wakes_long_poll(room_pair) -> None:
 
 
 def test_presence_set_get_and_in_sync(room_pair, server: ServerProcess) -> None:
-    alice, bob, room = room_pair
+    alice, bob, _room = room_pair
     since = alice.sync(set_presence="offline")["next_batch"]
     bob.call("PUT", f"/_matrix/client/v3/presence/{bob.user_id}/status", {"presence": "unavailable", "status_msg": "in a meeting"})
     status = alice.call("GET", f"/_matrix/client/v3/presence/{bob.user_id}/status")

@@ -78,6 +78,11 @@ class AuthService:
         self._seen[(owner.user_id, owner.device_id)] = (now_ms(), ip, user_agent)
         return Requester(owner.user_id, owner.device_id, owner.is_admin, ip, user_agent)
 
+    def last_seen(self, user_id: str, device_id: str) -> tuple[int, str | None] | None:
+        """Activity seen since the last flush to the database, if any."""
+        seen = self._seen.get((user_id, device_id))
+        return (seen[0], seen[1]) if seen is not None else None
+
     def forget_tokens(self, hashes: Iterable[bytes]) -> None:
         for token_hash in hashes:
             owner = self._cache.pop(token_hash, None)

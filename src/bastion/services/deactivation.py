@@ -39,8 +39,11 @@ class DeactivationService:
         self._rooms = rooms
         self._memberships = memberships
 
-    async def deactivate(self, user_id: str) -> None:
+    async def deactivate(self, user_id: str, erase: bool = False) -> None:
         revoked = await self._db.write(record_deactivation, user_id, now_ms())
+        if erase:
+            await self._db.write(accounts_store.set_profile_field, user_id, "displayname", None)
+            await self._db.write(accounts_store.set_profile_field, user_id, "avatar_url", None)
         self._auth.forget_tokens(revoked)
         self._auth.forget_user(user_id)
         await self.finish(user_id)

@@ -10,7 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from bastion.clock import now_ms
-from bastion.core.auth_rules import join_rule, membership_of, named_level, user_power_level
+from bastion.core.auth_rules import (
+    join_rule,
+    membership_of,
+    named_level,
+    required_power_level,
+    user_power_level,
+)
 from bastion.core.ids import (
     generate_room_id,
     is_valid_room_alias,
@@ -22,9 +28,11 @@ from bastion.core.room_versions import KNOWN_ROOM_VERSIONS
 from bastion.errors import BadJson, Forbidden, InvalidParam, MatrixError, NotFound
 from bastion.services.aliases import AliasService
 from bastion.services.caches import MembershipIndex, RoomSnapshot
+from bastion.services.directory import DirectoryService
 from bastion.services.requester import Requester
 from bastion.services.room_events import EventService, EventSpec
 from bastion.storage import accounts as accounts_store
+from bastion.storage import directory as directory_store
 from bastion.storage import rooms as rooms_store
 from bastion.storage.database import Database, Txn
 
@@ -101,8 +109,8 @@ class RoomService:
         events: EventService,
         memberships: MembershipIndex,
         aliases: AliasService,
+        directory: DirectoryService,
         default_room_version: str,
-        directory_publishers: str = "admins",
     ) -> None:
         self.server_name = server_name
         self._db = db
@@ -110,7 +118,7 @@ class RoomService:
         self._memberships = memberships
         self._aliases = aliases
         self._default_version = default_room_version
-        self._directory_publishers = directory_publishers
+        self._directory = directory
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -187,7 +195,7 @@ class RoomService:
             if not isinstance(state_key, str):
                 raise BadJson("initial_state 'state_key' must be a string")
             initial_specs.append(EventSpec(creator, item["type"], item["content"], state_key=state_key))
-        if visibility == "public" and self._directory_publishers == "admins" and not requester.is_admin:
+        if visibility == "public" and not self._directory.may_publish(requester, None):
             raise Forbidden("Only server administrators may publish rooms to the directory")
 
         alias: str | None = None
@@ -407,3 +415,122 @@ class RoomService:
                 room, [EventSpec(requester.user_id, "m.room.member", content, state_key=target)]
             )
         return event.event_id
+
+    # -- upgrades ---------------------------------------------------------------------------
+
+    TRANSFERRED_STATE = (
+        "m.room.server_acl",
+        "m.room.encryption",
+        "m.room.name",
+        "m.room.avatar",
+        "m.room.topic",
+        "m.room.guest_access",
+        "m.room.history_visibility",
+        "m.room.join_rules",
+    )
+
+    async def upgrade(self, requester: Requester, room_id: str, new_version: Any) -> str:
+        """POST /rooms/{roomId}/upgrade: new room with the old one's state; tombstone the old."""
+        if not isinstance(new_version, str):
+            raise BadJson("'new_version' must be a string")
+        if new_version not in KNOWN_ROOM_VERSIONS:
+            raise UnsupportedRoomVersion(f"room version {new_version!r} is not supported")
+        old = await self._events.get_room(room_id)
+        user = requester.user_id
+        new_room_id = generate_room_id(self.server_name)
+        version = KNOWN_ROOM_VERSIONS[new_version]
+        async with old.lock:
+            state = old.state
+            if old.membership_of(user) != "join":
+                raise Forbidden("You are not in this room")
+            if user_power_level(user, state) < required_power_level("m.room.tombstone", True, state):
+                raise Forbidden("You do not have permission to upgrade this room")
+            if ("m.room.tombstone", "") in state:
+                raise MatrixError("This room has already been upgraded", errcode="M_BAD_STATE", status=400)
+            old_create = state[("m.room.create", "")]
+            create_content: dict[str, Any] = {
+                "room_version": new_version,
+                "predecessor": {"room_id": room_id, "event_id": old.latest_event_id},
+            }
+            for key in ("type", "m.federate"):
+                if key in old_create.content:
+                    create_content[key] = old_create.content[key]
+            if not version.implicit_room_creator:
+                create_content["creator"] = user
+            old_pl = state.get(("m.room.power_levels", ""))
+            power_levels = dict(old_pl.content) if old_pl is not None else default_power_levels(user, "private_chat", [])
+            # The upgrader sends the initial state, so they need the power to; the old
+            # room's levels are restored as the last step.
+            needed = max([100, *[v for v in (power_levels.get("users") or {}).values() if isinstance(v, int)]])
+            bootstrap = {**power_levels, "users": {**(power_levels.get("users") or {}), user: needed}}
+            specs = [
+                EventSpec(user, "m.room.create", create_content, state_key=""),
+                EventSpec(user, "m.room.member", {"membership": "join", **await self._profile_content(user)}, state_key=user),
+                EventSpec(user, "m.room.power_levels", bootstrap, state_key=""),
+            ]
+            for event_type in self.TRANSFERRED_STATE:
+                event = state.get((event_type, ""))
+                if event is not None:
+                    specs.append(EventSpec(user, event_type, dict(event.content), state_key=""))
+            for (event_type, target), event in state.items():
+                if event_type == "m.room.member" and event.membership == "ban":
+                    specs.append(EventSpec(user, "m.room.member", {"membership": "ban"}, state_key=target))
+            if bootstrap != power_levels:
+                specs.append(EventSpec(user, "m.room.power_levels", power_levels, state_key=""))
+            aliases = await self._db.read(rooms_store.aliases_for_room, room_id)
+            canonical = state.get(("m.room.canonical_alias", ""))
+            if canonical is not None and canonical.content.get("alias") in aliases:
+                specs.append(EventSpec(user, "m.room.canonical_alias", dict(canonical.content), state_key=""))
+            if join_rule(state) != "public":
+                # Members of a private room must be able to follow it: invite them.
+                for member in sorted(old.joined - {user}):
+                    content = {"membership": "invite", **await self._profile_content(member)}
+                    specs.append(EventSpec(user, "m.room.member", content, state_key=member))
+
+            ts = now_ms()
+            public = bool(await self._db.read(directory_store.is_public, room_id))
+
+            def write_room(txn: Txn) -> None:
+                rooms_store.insert_room(txn, new_room_id, new_version, user, ts, public)
+                directory_store.set_public(txn, room_id, False)
+                for alias in aliases:
+                    rooms_store.move_alias(txn, alias, new_room_id)
+
+            snapshot = RoomSnapshot(new_room_id, version, {}, None, 0, 0, [], 0, [])
+            rooms = self._events.rooms
+            async with snapshot.lock:
+                rooms.add(snapshot)
+                for alias in aliases:
+                    self._aliases.pending[alias] = new_room_id
+                try:
+                    await self._events.send_locked(snapshot, specs, pre_writes=[write_room])
+                except BaseException:
+                    rooms.discard(new_room_id)
+                    raise
+                finally:
+                    for alias in aliases:
+                        self._aliases.pending.pop(alias, None)
+            # Tombstone and lock down the old room.
+            restricted = dict(old_pl.content) if old_pl is not None else {}
+
+            def level(key: str) -> int:
+                value = restricted.get(key, 0)
+                return value if isinstance(value, int) else 0
+
+            floor = max(50, level("users_default") + 1)
+            restricted["events_default"] = max(floor, level("events_default"))
+            restricted["invite"] = max(floor, level("invite"))
+            old_specs = [
+                EventSpec(user, "m.room.tombstone", {"body": "This room has been replaced", "replacement_room": new_room_id}, state_key=""),
+            ]
+            if old_pl is not None:
+                old_specs.append(EventSpec(user, "m.room.power_levels", restricted, state_key=""))
+            if canonical is not None and aliases:
+                old_specs.append(EventSpec(user, "m.room.canonical_alias", {}, state_key=""))
+            try:
+                await self._events.send_locked(old, old_specs)
+            except Forbidden:
+                # The tombstone itself was checked above; lowering power levels may be refused
+                # if the upgrader lacks the power. The tombstone alone still redirects clients.
+                await self._events.send_locked(old, old_specs[:1])
+        return new_room_id

@@ -135,6 +135,12 @@ def list_devices(txn: Txn, user_id: str) -> list[DeviceRow]:
     return [DeviceRow(*r) for r in rows]
 
 
+def set_device_display_name(txn: Txn, user_id: str, device_id: str, name: str | None) -> None:
+    txn.execute(
+        "UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?", (name, user_id, device_id)
+    )
+
+
 def insert_access_token(txn: Txn, token_hash: bytes, user_id: str, device_id: str, now_ms: int) -> None:
     txn.execute(
         "INSERT INTO access_tokens (token_hash, user_id, device_id, created_ts) VALUES (?, ?, ?, ?)",

@@ -85,6 +85,10 @@ def get_alias(txn: Txn, alias: str) -> tuple[str, str] | None:
     return (row[0], row[1]) if row is not None else None
 
 
+def move_alias(txn: Txn, alias: str, room_id: str) -> None:
+    txn.execute("UPDATE room_aliases SET room_id = ? WHERE alias = ?", (room_id, alias))
+
+
 def delete_alias(txn: Txn, alias: str) -> bool:
     return txn.execute("DELETE FROM room_aliases WHERE alias = ?", (alias,)) == 1
 
