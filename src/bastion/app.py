@@ -34,6 +34,7 @@ from bastion.services.persister import EventPersister
 from bastion.services.presence import PresenceService
 from bastion.services.profiles import ProfileService
 from bastion.services.receipts import ReceiptsService
+from bastion.services.relations import Bundler, RelationsService
 from bastion.services.room_events import EventService
 from bastion.services.room_reads import RoomReadService
 from bastion.services.rooms import RoomService
@@ -129,13 +130,17 @@ class Homeserver:
             directory=self.directory,
             default_room_version=settings.default_room_version,
         )
+        self.bundler = Bundler(db, self.event_cache)
         self.reads = RoomReadService(
             db=db,
             events=self.events,
             event_cache=self.event_cache,
             notifier=self.notifier,
+            bundler=self.bundler,
             max_limit=settings.limits.messages_limit_max,
         )
+        self.relations = RelationsService(db, self.event_cache, self.reads, self.bundler)
+        self.events.validators.append(self.relations.validate_new_event)
         self.account_data = AccountDataService(db, self.notifier, positions.account_data)
         self.receipts = ReceiptsService(db, self.room_cache, self.event_cache, self.notifier, self.account_data, positions.receipts)
         self.typing = TypingService(self.room_cache, self.notifier)
@@ -157,6 +162,7 @@ class Homeserver:
             receipts=self.receipts,
             typing=self.typing,
             presence=self.presence,
+            bundler=self.bundler,
             max_timeout_ms=settings.limits.sync_max_timeout_ms,
             timeline_limit_max=settings.limits.timeline_limit_max,
         )
@@ -267,10 +273,19 @@ class Homeserver:
 
 def build_routes() -> RouteTable:
     from bastion.api.admin import register as admin_register
-    from bastion.api.client import account, directory, discovery, ephemeral, profile, rooms, sync
+    from bastion.api.client import (
+        account,
+        directory,
+        discovery,
+        ephemeral,
+        profile,
+        relations,
+        rooms,
+        sync,
+    )
 
     routes = RouteTable()
-    for module in (discovery, account, rooms, sync, profile, ephemeral, directory, admin_register):
+    for module in (discovery, account, rooms, sync, profile, ephemeral, directory, relations, admin_register):
         module.register(routes)
     return routes
 

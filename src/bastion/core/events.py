@@ -170,10 +170,13 @@ class Event:
             unsigned["redacted_because"] = self.redacted_because.client_dict()
         return unsigned
 
-    def client_bytes(self, now_ms: int, device_key: tuple[str, str] | None = None) -> bytes:
+    def client_bytes(
+        self, now_ms: int, device_key: tuple[str, str] | None = None, relations: dict[str, Any] | None = None
+    ) -> bytes:
         """Client JSON bytes with ``unsigned.age`` and, for the sending device, ``transaction_id``.
 
-        ``device_key`` is (user_id, device_id) of the requester.
+        ``device_key`` is (user_id, device_id) of the requester; ``relations`` is the
+        bundled aggregation to put in ``unsigned.m.relations``, if any.
         """
         head = self._client_head
         if head is None:
@@ -187,11 +190,16 @@ class Event:
         ):
             parts.append(b',"transaction_id":')
             parts.append(orjson.dumps(self.txn_id))
+        if relations:
+            parts.append(b',"m.relations":')
+            parts.append(orjson.dumps(relations))
         parts.append(self._client_tail or b"}}")
         return b"".join(parts)
 
-    def client_fragment(self, now_ms: int, device_key: tuple[str, str] | None = None) -> orjson.Fragment:
-        return orjson.Fragment(self.client_bytes(now_ms, device_key))
+    def client_fragment(
+        self, now_ms: int, device_key: tuple[str, str] | None = None, relations: dict[str, Any] | None = None
+    ) -> orjson.Fragment:
+        return orjson.Fragment(self.client_bytes(now_ms, device_key, relations))
 
     def _build_client_cache(self) -> bytes:
         base = orjson.dumps(self.client_dict(include_unsigned=False))

@@ -73,5 +73,14 @@ def is_visible(event: Event, user_id: str, memberships: Changes, visibilities: C
     return False
 
 
+def visible_at(position: int, memberships: Changes, visibilities: Changes) -> bool:
+    """Visibility of a non-state event at ``position`` (no special cases apply)."""
+    return _allowed(
+        _value_before(visibilities, position, DEFAULT_VISIBILITY),
+        _value_before(memberships, position, "leave"),
+        _joined_after(memberships, position),
+    )
+
+
 def filter_visible(events: Sequence[Event], user_id: str, memberships: Changes, visibilities: Changes) -> list[Event]:
     return [e for e in events if is_visible(e, user_id, memberships, visibilities)]

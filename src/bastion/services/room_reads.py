@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bastion.clock import now_ms
 from bastion.core.events import Event, StateKey
 from bastion.core.filters import EventFilter
 from bastion.core.visibility import filter_visible, is_visible
 from bastion.errors import Forbidden, InvalidParam, NotFound
 from bastion.services.caches import EventCache, RoomSnapshot
+from bastion.services.relations import Bundler, Bundles
 from bastion.services.requester import Requester
 from bastion.services.room_events import EventService
 from bastion.storage import events as events_store
@@ -42,10 +44,14 @@ class MessagesPage:
     start: str
     end: str | None
     state: list[Event]
+    bundles: Bundles
 
 
 class RoomReadService:
-    def __init__(self, *, db: Database, events: EventService, event_cache: EventCache, notifier: Notifier, max_limit: int) -> None:
+    def __init__(
+        self, *, db: Database, events: EventService, event_cache: EventCache, notifier: Notifier, bundler: Bundler, max_limit: int
+    ) -> None:
+        self._bundler = bundler
         self._db = db
         self._events = events
         self._cache = event_cache
@@ -81,14 +87,17 @@ class RoomReadService:
 
     # -- single events and state -------------------------------------------------------------
 
-    async def get_event(self, requester: Requester, room_id: str, event_id: str) -> Event:
+    async def get_event(self, requester: Requester, room_id: str, event_id: str) -> tuple[Event, Bundles]:
         access = await self.access(requester, room_id)
         event = await self._cache.get(event_id)
         if event is None or event.room_id != room_id or event.stream_ordering > access.upto:
             raise NotFound("Event not found")
         if not is_visible(event, requester.user_id, access.memberships, access.room.visibility):
             raise NotFound("Event not found")
-        return event
+        return event, await self._bundle([event], requester, access)
+
+    async def _bundle(self, events: list[Event], requester: Requester, access: Access) -> Bundles:
+        return await self._bundler.bundle(events, requester, access.memberships, access.room.visibility, now_ms())
 
     async def get_state(self, requester: Requester, room_id: str) -> list[Event]:
         access = await self.access(requester, room_id)
@@ -206,7 +215,8 @@ class RoomReadService:
             member_state = await self._state_at(access.room, at, [("m.room.member", s) for s in senders])
             state = list(member_state.values())
         # The spec: `start` "will be the same as the value given in `from`".
-        return MessagesPage(chunk, from_token if from_token is not None else encode_pagination(start_pos), end, state)
+        start = from_token if from_token is not None else encode_pagination(start_pos)
+        return MessagesPage(chunk, start, end, state, await self._bundle(chunk, requester, access))
 
     async def context(
         self, requester: Requester, room_id: str, event_id: str, limit: int, event_filter: EventFilter
@@ -258,6 +268,7 @@ class RoomReadService:
             "start": encode_pagination(start_pos),
             "end": encode_pagination(end_pos),
             "state": state_events,
+            "bundles": await self._bundle([event, *before, *after], requester, access),
         }
 
 

@@ -30,6 +30,7 @@ from bastion.services.account_data import AccountDataService
 from bastion.services.caches import EventCache, Membership, MembershipIndex, RoomCache, RoomSnapshot
 from bastion.services.presence import PresenceService
 from bastion.services.receipts import ReceiptsService
+from bastion.services.relations import Bundler, Bundles
 from bastion.services.requester import Requester
 from bastion.services.typing import TypingService
 from bastion.storage import events as events_store
@@ -85,6 +86,7 @@ class SyncService:
         receipts: ReceiptsService,
         typing: TypingService,
         presence: PresenceService,
+        bundler: Bundler,
         max_timeout_ms: int,
         timeline_limit_max: int,
     ) -> None:
@@ -97,6 +99,7 @@ class SyncService:
         self._receipts = receipts
         self._typing = typing
         self._presence = presence
+        self._bundler = bundler
         self._max_timeout_ms = max_timeout_ms
         self._timeline_limit_max = timeline_limit_max
         self._unread: OrderedDict[tuple[str, str], _Unread] = OrderedDict()
@@ -256,6 +259,13 @@ class SyncService:
             "ephemeral": {"events": []},
         }
 
+    async def _bundles(self, ctx: _RoomCtx, req: SyncRequest, timeline: list[Event], limited: bool, now: int) -> Bundles | None:
+        """Bundled aggregations: the spec asks for them only in limited timelines."""
+        if not limited or not timeline:
+            return None
+        history = await self._history(ctx, req.requester.user_id)
+        return await self._bundler.bundle(timeline, req.requester, history, ctx.room.visibility, now)
+
     async def _history(self, ctx: _RoomCtx, user: str) -> list[tuple[int, str]]:
         if ctx.history is None:
             ctx.history = await self._db.read(events_store.get_membership_history, ctx.room.room_id, user)
@@ -321,13 +331,22 @@ class SyncService:
         found = await self._cache.get_many(ids.values())
         return {k: found[eid] for k, eid in ids.items() if eid in found}
 
-    def _serialise(self, events: list[Event], req: SyncRequest, now: int, device_key: tuple[str, str] | None) -> list[Any]:
+    def _serialise(
+        self,
+        events: list[Event],
+        req: SyncRequest,
+        now: int,
+        device_key: tuple[str, str] | None,
+        bundles: Bundles | None = None,
+    ) -> list[Any]:
         flt = req.filter
+        bundles = bundles or {}
         if not flt.needs_custom_serialisation:
-            return [e.client_fragment(now, device_key) for e in events]
+            return [e.client_fragment(now, device_key, bundles.get(e.event_id)) for e in events]
         out = []
         for e in events:
-            data = e.federation_dict() if flt.event_format == "federation" else orjson.loads(e.client_bytes(now, device_key))
+            raw = e.client_bytes(now, device_key, bundles.get(e.event_id))
+            data = e.federation_dict() if flt.event_format == "federation" else orjson.loads(raw)
             if flt.event_fields is not None:
                 data = apply_event_fields(data, flt.event_fields)
             out.append(data)
@@ -400,7 +419,7 @@ class SyncService:
             must |= set(self._heroes(room, user))
         body: dict[str, Any] = {
             "timeline": {
-                "events": self._serialise(timeline, req, now, device_key),
+                "events": self._serialise(timeline, req, now, device_key, await self._bundles(ctx, req, timeline, limited, now)),
                 "limited": limited,
                 "prev_batch": StreamToken(events=start).encode(),
             },
@@ -459,7 +478,7 @@ class SyncService:
         state = self._lazy_members(req, room, state, timeline, gap_members)
         return {
             "timeline": {
-                "events": self._serialise(timeline, req, now, device_key),
+                "events": self._serialise(timeline, req, now, device_key, await self._bundles(ctx, req, timeline, limited, now)),
                 "limited": limited,
                 "prev_batch": StreamToken(events=start).encode(),
             },
@@ -499,7 +518,7 @@ class SyncService:
         state = self._lazy_members(req, room, state, timeline, {user})
         return {
             "timeline": {
-                "events": self._serialise(timeline, req, now, device_key),
+                "events": self._serialise(timeline, req, now, device_key, await self._bundles(ctx, req, timeline, limited, now)),
                 "limited": limited,
                 "prev_batch": StreamToken(events=start).encode(),
             },

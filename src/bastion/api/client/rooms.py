@@ -43,10 +43,11 @@ def _reason(body: dict[str, Any]) -> str | None:
     return body_str(body, "reason", max_len=4096)
 
 
-def _events_json(req: Request, events: list[Any]) -> list[Any]:
+def _events_json(req: Request, events: list[Any], bundles: dict[str, Any] | None = None) -> list[Any]:
     now = now_ms()
     key = req.requester.device_key
-    return [e.client_fragment(now, key) for e in events]
+    bundles = bundles or {}
+    return [e.client_fragment(now, key, bundles.get(e.event_id)) for e in events]
 
 
 # -- creation and membership --------------------------------------------------------------
@@ -195,8 +196,8 @@ async def redact(req: Request) -> dict[str, Any]:
 
 async def get_event(req: Request) -> Response:
     """GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}"""
-    event = await req.hs.reads.get_event(req.requester, _room_id(req), req.params["eventId"])
-    return Response(event.client_bytes(now_ms(), req.requester.device_key))
+    event, bundles = await req.hs.reads.get_event(req.requester, _room_id(req), req.params["eventId"])
+    return Response(event.client_bytes(now_ms(), req.requester.device_key, bundles.get(event.event_id)))
 
 
 def _parse_room_event_filter(raw: str | None) -> EventFilter:
@@ -227,7 +228,7 @@ async def messages(req: Request) -> dict[str, Any]:
         limit=limit,
         event_filter=flt,
     )
-    result: dict[str, Any] = {"chunk": _events_json(req, page.chunk), "start": page.start}
+    result: dict[str, Any] = {"chunk": _events_json(req, page.chunk, page.bundles), "start": page.start}
     if page.end is not None:
         result["end"] = page.end
     if page.state:
@@ -242,10 +243,11 @@ async def context(req: Request) -> dict[str, Any]:
     ctx = await req.hs.reads.context(req.requester, _room_id(req), req.params["eventId"], limit or 0, flt)
     now = now_ms()
     key = req.requester.device_key
+    bundles = ctx["bundles"]
     return {
-        "event": ctx["event"].client_fragment(now, key),
-        "events_before": _events_json(req, ctx["events_before"]),
-        "events_after": _events_json(req, ctx["events_after"]),
+        "event": ctx["event"].client_fragment(now, key, bundles.get(ctx["event"].event_id)),
+        "events_before": _events_json(req, ctx["events_before"], bundles),
+        "events_after": _events_json(req, ctx["events_after"], bundles),
         "start": ctx["start"],
         "end": ctx["end"],
         "state": _events_json(req, ctx["state"]),
