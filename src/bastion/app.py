@@ -38,6 +38,7 @@ from bastion.services.relations import Bundler, RelationsService
 from bastion.services.room_events import EventService
 from bastion.services.room_reads import RoomReadService
 from bastion.services.rooms import RoomService
+from bastion.services.search import SearchService
 from bastion.services.signals import SignalPoller
 from bastion.services.sync import SyncService
 from bastion.services.typing import TypingService
@@ -141,6 +142,7 @@ class Homeserver:
         )
         self.relations = RelationsService(db, self.event_cache, self.reads, self.bundler)
         self.events.validators.append(self.relations.validate_new_event)
+        self.search = SearchService(db, self.room_cache, self.event_cache, self.memberships, self.reads, self.bundler)
         self.account_data = AccountDataService(db, self.notifier, positions.account_data)
         self.receipts = ReceiptsService(db, self.room_cache, self.event_cache, self.notifier, self.account_data, positions.receipts)
         self.typing = TypingService(self.room_cache, self.notifier)

@@ -18,6 +18,7 @@ import orjson
 
 from bastion.core.events import Event, StateKey, redact_pdu
 from bastion.core.room_versions import KNOWN_ROOM_VERSIONS
+from bastion.storage import search as search_store
 from bastion.storage.database import Txn
 
 _EVENT_COLUMNS = (
@@ -255,6 +256,7 @@ def insert_event(txn: Txn, event: Event, txn_key: tuple[str, str, str, str] | No
         if inserted != 1:
             existing = get_txn_event_id(txn, user_id, device_id, scope, txn_id)
             raise DuplicateTransaction(existing or "")
+    search_store.index_event(txn, event)
     if event.state_key is not None:
         txn.execute(
             "INSERT INTO current_state (room_id, type, state_key, event_id) VALUES (?, ?, ?, ?) "
@@ -278,6 +280,7 @@ def apply_redaction(txn: Txn, target: Event, redaction_event_id: str) -> dict[st
     so redacted content does not survive anywhere in the database.
     """
     pruned = redact_pdu(target.pdu, target.room_version)
+    search_store.unindex_event(txn, target.event_id)
     txn.execute(
         "UPDATE events SET json = ?, redacted_by = ? WHERE event_id = ?",
         (orjson.dumps(pruned), redaction_event_id, target.event_id),

@@ -1,10 +1,10 @@
-"""/relations and /threads (Client-Server API v1)."""
+"""/relations and /threads (Client-Server API v1), and /search."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bastion.api.http import CLIENT_V1, Request, RouteTable
+from bastion.api.http import CLIENT_V1, CLIENT_V3, Request, RouteTable
 from bastion.clock import now_ms
 from bastion.core.ids import is_valid_room_id
 from bastion.errors import InvalidParam
@@ -57,7 +57,13 @@ async def threads(req: Request) -> dict[str, Any]:
     return result
 
 
+async def search(req: Request) -> dict[str, Any]:
+    """POST /_matrix/client/v3/search"""
+    return await req.hs.search.search(req.requester, await req.json(), req.query_str("next_batch") or None)
+
+
 def register(routes: RouteTable) -> None:
+    routes.add("POST", CLIENT_V3 + "/search", search)
     base = CLIENT_V1 + "/rooms/{roomId}"
     routes.add("GET", base + "/relations/{eventId}", relations)
     routes.add("GET", base + "/relations/{eventId}/{relType}", relations)
