@@ -33,6 +33,7 @@ from bastion.services.filters import FilterService
 from bastion.services.persister import EventPersister
 from bastion.services.presence import PresenceService
 from bastion.services.profiles import ProfileService
+from bastion.services.push import PusherService, PushRulesService
 from bastion.services.receipts import ReceiptsService
 from bastion.services.relations import Bundler, RelationsService
 from bastion.services.room_events import EventService
@@ -146,6 +147,9 @@ class Homeserver:
         self.account_data = AccountDataService(db, self.notifier, positions.account_data)
         self.receipts = ReceiptsService(db, self.room_cache, self.event_cache, self.notifier, self.account_data, positions.receipts)
         self.typing = TypingService(self.room_cache, self.notifier)
+        self.push_rules = PushRulesService(db, self.room_cache, self.memberships, self.receipts, self.account_data)
+        self.pushers = PusherService(db, self.push_rules, self.room_cache, list(settings.push.gateway_url_prefixes))
+        self.persister.listeners.append(self.pushers.on_persisted)
         self.presence = PresenceService(
             enabled=settings.presence.enabled,
             rooms=self.room_cache,
@@ -165,6 +169,7 @@ class Homeserver:
             typing=self.typing,
             presence=self.presence,
             bundler=self.bundler,
+            push=self.push_rules,
             max_timeout_ms=settings.limits.sync_max_timeout_ms,
             timeline_limit_max=settings.limits.timeline_limit_max,
         )
@@ -227,6 +232,7 @@ class Homeserver:
         hs._tasks.append(asyncio.create_task(hs._periodic(), name="periodic"))
         hs._tasks.append(asyncio.create_task(hs.deactivation.finish_pending(), name="pending-deactivations"))
         hs.presence.start()
+        await hs.pushers.start()
         log.info("Bastion ready for %s (stream position %d)", settings.server_name, positions.events)
         return hs
 
@@ -260,6 +266,7 @@ class Homeserver:
         self.notifier.shutdown()
         await self.persister.flush()
         await self.presence.stop()
+        await self.pushers.close()
         self.typing.close()
         await self.signals.stop()
         for task in self._tasks:
@@ -281,13 +288,14 @@ def build_routes() -> RouteTable:
         discovery,
         ephemeral,
         profile,
+        push,
         relations,
         rooms,
         sync,
     )
 
     routes = RouteTable()
-    for module in (discovery, account, rooms, sync, profile, ephemeral, directory, relations, admin_register):
+    for module in (discovery, account, rooms, sync, profile, ephemeral, directory, relations, push, admin_register):
         module.register(routes)
     return routes
 

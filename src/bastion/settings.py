@@ -128,6 +128,10 @@ class UserDirectorySettings(_Section):
     search_all_users: bool = False
 
 
+class PushSettings(_Section):
+    gateway_url_prefixes: list[str] = Field(default_factory=list)
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = False
@@ -149,6 +153,7 @@ class Settings(_Section):
     admin_api: AdminApiSettings = Field(default_factory=AdminApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     presence: PresenceSettings = Field(default_factory=PresenceSettings)
+    push: PushSettings = Field(default_factory=PushSettings)
     room_directory: RoomDirectorySettings = Field(default_factory=RoomDirectorySettings)
     user_directory: UserDirectorySettings = Field(default_factory=UserDirectorySettings)
     well_known: WellKnownSettings = Field(default_factory=WellKnownSettings)

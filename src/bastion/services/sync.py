@@ -21,14 +21,13 @@ from typing import Any
 import orjson
 
 from bastion.clock import now_ms
-from bastion.core.auth_rules import user_power_level
 from bastion.core.events import Event, StateKey
 from bastion.core.filters import EventFilter, Filter, apply_event_fields
-from bastion.core.notifications import classify
 from bastion.core.visibility import is_visible
 from bastion.services.account_data import AccountDataService
 from bastion.services.caches import EventCache, Membership, MembershipIndex, RoomCache, RoomSnapshot
 from bastion.services.presence import PresenceService
+from bastion.services.push import PushRulesService
 from bastion.services.receipts import ReceiptsService
 from bastion.services.relations import Bundler, Bundles
 from bastion.services.requester import Requester
@@ -39,7 +38,6 @@ from bastion.streams.notifier import Notifier
 from bastion.streams.tokens import StreamToken
 
 MAX_DB_SCAN_ROUNDS = 5
-UNREAD_SCAN_LIMIT = 1000
 
 
 @dataclass
@@ -52,14 +50,6 @@ class SyncRequest:
     use_state_after: bool = False
     timeline_limit: int = 10
     set_presence: str | None = None
-
-
-@dataclass
-class _Unread:
-    read_pos: int
-    counted_upto: int
-    notifications: int = 0
-    highlights: int = 0
 
 
 @dataclass
@@ -87,6 +77,7 @@ class SyncService:
         typing: TypingService,
         presence: PresenceService,
         bundler: Bundler,
+        push: PushRulesService,
         max_timeout_ms: int,
         timeline_limit_max: int,
     ) -> None:
@@ -100,9 +91,9 @@ class SyncService:
         self._typing = typing
         self._presence = presence
         self._bundler = bundler
+        self._push = push
         self._max_timeout_ms = max_timeout_ms
         self._timeline_limit_max = timeline_limit_max
-        self._unread: OrderedDict[tuple[str, str], _Unread] = OrderedDict()
         self._sent_members: OrderedDict[tuple[str, str | None], dict[str, dict[str, str]]] = OrderedDict()
 
     # -- entry point ----------------------------------------------------------------------
@@ -577,35 +568,5 @@ class SyncService:
             "m.joined_member_count": len(room.joined),
             "m.invited_member_count": len(room.invited),
         }
-        notifications, highlights = await self._unread_counts(room, user, ctx.upto)
+        notifications, highlights = await self._push.unread_counts(room, user, ctx.upto)
         body["unread_notifications"] = {"notification_count": notifications, "highlight_count": highlights}
-
-    async def _unread_counts(self, room: RoomSnapshot, user: str, upto: int) -> tuple[int, int]:
-        read_pos = max(room.last_event_by.get(user, 0), await self._receipts.read_position(room.room_id, user))
-        key = (user, room.room_id)
-        entry = self._unread.get(key)
-        if entry is None or entry.read_pos != read_pos or entry.counted_upto > upto:
-            entry = _Unread(read_pos=read_pos, counted_upto=read_pos)
-        if entry.counted_upto < upto:
-            events = room.events_after(entry.counted_upto, upto)
-            if events is None:
-                rows = await self._db.read(
-                    events_store.get_room_events, room.room_id, after=entry.counted_upto, upto=upto,
-                    limit=UNREAD_SCAN_LIMIT, backwards=True,
-                )
-                events = list(reversed(rows))
-            room_level = 50
-            pl = room.state.get(("m.room.power_levels", ""))
-            notif_levels = pl.content.get("notifications") if pl is not None else None
-            if isinstance(notif_levels, dict) and type(notif_levels.get("room")) is int:
-                room_level = notif_levels["room"]
-            for event in events:
-                notify, highlight = classify(event, user, user_power_level(event.sender, room.state), room_level)
-                entry.notifications += notify
-                entry.highlights += highlight
-            entry.counted_upto = upto
-        self._unread[key] = entry
-        self._unread.move_to_end(key)
-        if len(self._unread) > 200_000:
-            self._unread.popitem(last=False)
-        return entry.notifications, entry.highlights

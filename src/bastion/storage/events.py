@@ -96,6 +96,24 @@ def get_room_events(
     return _load_rows(txn, rows)
 
 
+def recent_events_in_rooms(txn: Txn, room_ids: Sequence[str], before: int | None, limit: int, not_sender: str) -> list[Event]:
+    """Newest events (not sent by ``not_sender``) across ``room_ids``, before a position."""
+    if not room_ids:
+        return []
+    params: list[Any] = [*room_ids, not_sender]
+    clause = ""
+    if before is not None:
+        clause = " AND e.stream_ordering < ?"
+        params.append(before)
+    params.append(limit)
+    rows = txn.fetchall(
+        f"SELECT {_EVENT_COLUMNS} FROM {_FROM} WHERE e.room_id IN ({txn.in_list(room_ids)}) AND e.sender <> ?"
+        f"{clause} ORDER BY e.stream_ordering DESC LIMIT ?",
+        params,
+    )
+    return _load_rows(txn, rows)
+
+
 def count_room_events_after(txn: Txn, room_id: str, after: int, upto: int) -> int:
     return int(
         txn.fetchval(

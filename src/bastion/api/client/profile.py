@@ -1,14 +1,11 @@
-"""Profiles, account data and push rules (read-only defaults)."""
+"""Profiles and account data."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from bastion.api.http import CLIENT_V3, Request, Response, RouteTable
 from bastion.core.ids import is_valid_room_id, is_valid_user_id
-from bastion.core.push_rules import default_ruleset
 from bastion.errors import Forbidden, InvalidParam, MatrixError, NotFound
 
 MAX_ACCOUNT_DATA_TYPE = 255
@@ -105,16 +102,6 @@ async def put_room_account_data(req: Request) -> dict[str, Any]:
     return {}
 
 
-async def get_push_rules(req: Request) -> Response:
-    """GET /_matrix/client/v3/pushrules/ — the server-default rules (read-only for now)."""
-    return Response(orjson.dumps(default_ruleset(req.requester.user_id)))
-
-
-async def get_push_rules_global(req: Request) -> Response:
-    """GET /_matrix/client/v3/pushrules/global/"""
-    return Response(orjson.dumps(default_ruleset(req.requester.user_id)["global"]))
-
-
 def register(routes: RouteTable) -> None:
     routes.add("GET", CLIENT_V3 + "/profile/{userId}", get_profile)
     routes.add("GET", CLIENT_V3 + "/profile/{userId}/{keyName}", get_profile_field)
@@ -123,6 +110,3 @@ def register(routes: RouteTable) -> None:
     routes.add("PUT", CLIENT_V3 + "/user/{userId}/account_data/{type}", put_account_data)
     routes.add("GET", CLIENT_V3 + "/user/{userId}/rooms/{roomId}/account_data/{type}", get_room_account_data)
     routes.add("PUT", CLIENT_V3 + "/user/{userId}/rooms/{roomId}/account_data/{type}", put_room_account_data)
-    routes.add("GET", CLIENT_V3 + "/pushrules/", get_push_rules)
-    routes.add("GET", CLIENT_V3 + "/pushrules", get_push_rules)
-    routes.add("GET", CLIENT_V3 + "/pushrules/global/", get_push_rules_global)

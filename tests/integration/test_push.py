@@ -1,0 +1,183 @@
+"""Push rules (CRUD and evaluation), /notifications, and pushers to a real HTTP gateway."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.harness import MatrixError, ServerProcess, free_port
+
+
+def test_default_ruleset_and_crud(server: ServerProcess) -> None:
+    user = server.client().register()
+    rules = user.call("GET", "/_matrix/client/v3/pushrules/")["global"]
+    assert [r["rule_id"] for r in rules["override"]][:2] == [".m.rule.master", ".m.rule.suppress_notices"]
+    assert rules["underride"][-1]["rule_id"] == ".m.rule.encrypted"
+    assert user.call("GET", "/_matrix/client/v3/pushrules/global/") == rules
+    since = user.sync()["next_batch"]
+    cond = [{"kind": "event_match", "key": "content.body", "pattern": "deploy*"}]
+    user.call("PUT", "/_matrix/client/v3/pushrules/global/override/deploys",
+              {"conditions": cond, "actions": ["notify", {"set_tweak": "highlight"}]})
+    user.call("PUT", "/_matrix/client/v3/pushrules/global/override/first", {"conditions": [], "actions": []},
+              params={"before": "deploys"})
+    override = user.call("GET", "/_matrix/client/v3/pushrules/global/")["override"]
+    assert [r["rule_id"] for r in override][:3] == [".m.rule.master", "first", "deploys"]  # user rules beat defaults
+    rule = user.call("GET", "/_matrix/client/v3/pushrules/global/override/deploys")
+    assert rule["conditions"] == cond and rule["default"] is False and rule["enabled"] is True
+    user.call("PUT", "/_matrix/client/v3/pushrules/global/override/deploys/enabled", {"enabled": False})
+    assert user.call("GET", "/_matrix/client/v3/pushrules/global/override/deploys/enabled") == {"enabled": False}
+    user.call("PUT", "/_matrix/client/v3/pushrules/global/override/deploys/actions", {"actions": ["notify"]})
+    assert user.call("GET", "/_matrix/client/v3/pushrules/global/override/deploys/actions") == {"actions": ["notify"]}
+    user.call("PUT", "/_matrix/client/v3/pushrules/global/underride/.m.rule.message/enabled", {"enabled": False})
+    assert user.call("GET", "/_matrix/client/v3/pushrules/global/underride/.m.rule.message")["enabled"] is False
+    events = user.sync(since=since)["account_data"]["events"]
+    assert any(e["type"] == "m.push_rules" for e in events)  # clients learn of changes through sync
+    user.call("DELETE", "/_matrix/client/v3/pushrules/global/override/first")
+    for method, path, body, status in [
+        ("DELETE", "/_matrix/client/v3/pushrules/global/override/.m.rule.master", None, 400),
+        ("GET", "/_matrix/client/v3/pushrules/global/override/nope", None, 404),
+        ("PUT", "/_matrix/client/v3/pushrules/global/override/.mine", {"actions": []}, 400),
+        ("PUT", "/_matrix/client/v3/pushrules/global/weird/x", {"actions": []}, 400),
+        ("PUT", "/_matrix/client/v3/pushrules/global/content/x", {"actions": ["notify"]}, 400),
+        ("PUT", "/_matrix/client/v3/pushrules/global/override/x", {"actions": ["explode"]}, 400),
+        ("PUT", "/_matrix/client/v3/pushrules/global/override/y", {"actions": []}, None),
+    ]:
+        if status is None:
+            resp = user.raw("PUT", path, json=body, params={"after": "missing-rule"})
+            assert resp.status_code == 400
+            continue
+        with pytest.raises(MatrixError) as err:
+            user.call(method, path, body)
+        assert err.value.status == status, path
+
+
+def test_rules_drive_unread_counts_and_notifications(server: ServerProcess) -> None:
+    alice, bob = server.client().register(), server.client().register()
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    quiet = alice.create_room(invite=[bob.user_id])
+    bob.join(quiet)
+    bob.call("PUT", f"/_matrix/client/v3/pushrules/global/room/{quiet}", {"actions": []})  # mute a room
+    bob.call("PUT", "/_matrix/client/v3/pushrules/global/content/release",
+             {"pattern": "release", "actions": ["notify", {"set_tweak": "highlight"}]})
+    since = bob.sync()["next_batch"]
+    alice.send(room, "hello")
+    alice.send(room, "the release is out")
+    alice.send(room, {"msgtype": "m.text", "body": "edit", "m.new_content": {"body": "x"},
+                      "m.relates_to": {"rel_type": "m.replace", "event_id": "$whatever"}})
+    alice.send(quiet, "shh")
+    sync = bob.sync(since=since)["rooms"]["join"]
+    assert sync[room]["unread_notifications"] == {"notification_count": 2, "highlight_count": 1}
+    assert sync[quiet]["unread_notifications"] == {"notification_count": 0, "highlight_count": 0}
+    notes = bob.call("GET", "/_matrix/client/v3/notifications")["notifications"]
+    # newest first; the invites that brought bob in notified him too (.m.rule.invite_for_me)
+    assert [n["event"]["content"].get("body", n["event"]["type"]) for n in notes] == [
+        "the release is out", "hello", "m.room.member", "m.room.member"]
+    assert notes[0]["read"] is False and notes[0]["room_id"] == room and "notify" in notes[0]["actions"]
+    highlights = bob.call("GET", "/_matrix/client/v3/notifications", params={"only": "highlight"})["notifications"]
+    assert [n["event"]["content"]["body"] for n in highlights] == ["the release is out"]
+    page = bob.call("GET", "/_matrix/client/v3/notifications", params={"limit": 1})
+    rest = bob.call("GET", "/_matrix/client/v3/notifications", params={"from": page["next_token"], "limit": 1})
+    assert [n["event"]["content"]["body"] for n in rest["notifications"]] == ["hello"]
+    # master rule: nothing notifies
+    bob.call("PUT", "/_matrix/client/v3/pushrules/global/override/.m.rule.master/enabled", {"enabled": True})
+    since = bob.sync()["next_batch"]
+    alice.send(room, "anyone?")
+    assert bob.sync(since=since)["rooms"]["join"][room]["unread_notifications"]["notification_count"] == 0
+
+
+class Gateway:
+    """A real HTTP push gateway on localhost that records what it receives."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self.rejected: set[str] = set()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.received.append(body)
+                keys = [d["pushkey"] for d in body["notification"]["devices"] if d["pushkey"] in outer.rejected]
+                payload = json.dumps({"rejected": keys}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.port = free_port()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/_matrix/push/v1/notify"
+
+    def wait(self, count: int, timeout: float = 10) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.received
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def test_pushers_deliver_to_gateway(make_server) -> None:
+    gateway = Gateway()
+    try:
+        srv: ServerProcess = make_server(push={"gateway_url_prefixes": [f"http://127.0.0.1:{gateway.port}/"]})
+        alice, bob = srv.client().register(), srv.client().register()
+        room = alice.create_room(name="Pushy", invite=[bob.user_id])
+        bob.join(room)
+        pusher = {"pushkey": "device-token-1", "kind": "http", "app_id": "org.example.app", "app_display_name": "App",
+                  "device_display_name": "Phone", "lang": "en", "data": {"url": gateway.url}}
+        bob.call("POST", "/_matrix/client/v3/pushers/set", pusher)
+        listed = bob.call("GET", "/_matrix/client/v3/pushers")["pushers"]
+        assert listed[0]["pushkey"] == "device-token-1" and listed[0]["data"]["url"] == gateway.url
+        alice.send(room, "ping bob")
+        received = gateway.wait(1)
+        assert len(received) == 1
+        note = received[0]["notification"]
+        assert note["room_id"] == room and note["sender"] == alice.user_id and note["content"]["body"] == "ping bob"
+        assert note["room_name"] == "Pushy" and note["counts"]["unread"] == 1
+        assert note["devices"][0]["pushkey"] == "device-token-1" and "url" not in note["devices"][0]["data"]
+        bob.send(room, "bob's own message does not push to bob")
+        time.sleep(0.5)
+        assert len(gateway.received) == 1
+        # event_id_only keeps content off the gateway
+        bob.call("POST", "/_matrix/client/v3/pushers/set", {**pusher, "data": {"url": gateway.url, "format": "event_id_only"}})
+        alice.send(room, "private words")
+        note = gateway.wait(2)[1]["notification"]
+        assert "content" not in note and "sender" not in note and note["event_id"]
+        # a gateway that rejects the pushkey removes the pusher
+        gateway.rejected.add("device-token-1")
+        alice.send(room, "last one")
+        gateway.wait(3)
+        deadline = time.monotonic() + 5
+        while bob.call("GET", "/_matrix/client/v3/pushers")["pushers"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert bob.call("GET", "/_matrix/client/v3/pushers")["pushers"] == []
+        # kind null deletes; gateways outside the configured prefixes are refused
+        with pytest.raises(MatrixError) as err:
+            bob.call("POST", "/_matrix/client/v3/pushers/set", {**pusher, "data": {"url": "http://10.0.0.1/_matrix/push/v1/notify"}})
+        assert err.value.status == 403
+    finally:
+        gateway.close()
+
+
+def test_pushers_refused_without_configured_gateway(server: ServerProcess) -> None:
+    user = server.client().register()
+    with pytest.raises(MatrixError) as err:
+        user.call("POST", "/_matrix/client/v3/pushers/set", {
+            "pushkey": "k", "kind": "http", "app_id": "a", "app_display_name": "A", "device_display_name": "D",
+            "lang": "en", "data": {"url": "https://push.example.org/_matrix/push/v1/notify"}})
+    assert err.value.status == 403
