@@ -170,3 +170,26 @@ def test_room_upgrade(server: ServerProcess) -> None:
     # The room was invite-only: its members are invited to the new room so they can follow.
     assert new in bob.sync()["rooms"]["invite"]
     bob.join(new)
+
+
+def test_extended_profile_fields(server: ServerProcess) -> None:
+    user = server.client().register()
+    other = server.client().register()
+    user.call("PUT", f"/_matrix/client/v3/profile/{user.user_id}/m.tz", {"m.tz": "Europe/Paris"})
+    user.call("PUT", f"/_matrix/client/v3/profile/{user.user_id}/com.example.team", {"com.example.team": {"name": "ops", "size": 4}})
+    profile = other.call("GET", f"/_matrix/client/v3/profile/{user.user_id}")
+    assert profile["m.tz"] == "Europe/Paris" and profile["com.example.team"] == {"name": "ops", "size": 4}
+    assert other.call("GET", f"/_matrix/client/v3/profile/{user.user_id}/m.tz") == {"m.tz": "Europe/Paris"}
+    user.call("DELETE", f"/_matrix/client/v3/profile/{user.user_id}/com.example.team")
+    assert "com.example.team" not in other.call("GET", f"/_matrix/client/v3/profile/{user.user_id}")
+    with pytest.raises(MatrixError) as err:
+        user.call("PUT", f"/_matrix/client/v3/profile/{user.user_id}/NotNamespaced", {"NotNamespaced": 1})
+    assert err.value.status == 400
+    with pytest.raises(MatrixError) as err:
+        user.call("PUT", f"/_matrix/client/v3/profile/{user.user_id}/com.example.big", {"com.example.big": "x" * 70_000})
+    assert err.value.errcode == "M_PROFILE_TOO_LARGE"
+    with pytest.raises(MatrixError) as err:
+        other.call("PUT", f"/_matrix/client/v3/profile/{user.user_id}/m.tz", {"m.tz": "UTC"})
+    assert err.value.status == 403
+    caps = user.call("GET", "/_matrix/client/v3/capabilities")["capabilities"]
+    assert caps["m.profile_fields"] == {"enabled": True}

@@ -291,3 +291,24 @@ def test_nul_characters_are_refused_not_crashing(alice: MatrixHttp) -> None:
     assert alice.call("GET", f"/_matrix/client/v3/rooms/{room}/event/{event_id}")["content"]["body"] == "before\u0000after"
     relation = {"msgtype": "m.text", "body": "r", "m.relates_to": {"rel_type": "m.thread\u0000", "event_id": "$x\u0000"}}
     assert alice.send(room, relation)
+
+
+def test_deeply_nested_and_wrongly_typed_bodies_are_refused(alice: MatrixHttp) -> None:
+    room = alice.create_room()
+    nested: dict = {}
+    cursor = nested
+    for _ in range(300):
+        cursor["a"] = {}
+        cursor = cursor["a"]
+    for method, path in [
+        ("PUT", f"/_matrix/client/v3/rooms/{room}/send/m.room.message/deep"),
+        ("PUT", f"/_matrix/client/v3/user/{alice.user_id}/account_data/org.example.deep"),
+        ("POST", "/_matrix/client/v3/createRoom"),
+    ]:
+        resp = alice.raw(method, path, json={"nested": nested})
+        assert resp.status_code == 400 and resp.json()["errcode"] == "M_BAD_JSON", (path, resp.text)
+    for preset in ({"x": 1}, [1], 5):
+        resp = alice.raw("POST", "/_matrix/client/v3/createRoom", json={"preset": preset})
+        assert resp.status_code == 400 and resp.json()["errcode"] == "M_BAD_JSON"
+    members = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/joined_members")["joined"][alice.user_id]
+    assert members == {"display_name": alice.user_id.split(":")[0][1:]}  # no avatar set: the key is omitted

@@ -176,6 +176,8 @@ class Request:
             raise NotJson("The request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise BadJson("The request body must be a JSON object")
+        if _too_deep(value):
+            raise BadJson(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep")
         return value
 
     @property
@@ -190,6 +192,23 @@ class Request:
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return token.strip()
+
+
+MAX_JSON_DEPTH = 100
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether JSON nests deeper than MAX_JSON_DEPTH (orjson re-encodes at most 255)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return False
 
 
 class _ClientGone(Exception):

@@ -227,8 +227,10 @@ class AccountService:
         return session.to_dict(self.server_name)
 
     async def registration_token_valid(self, token: str) -> bool:
-        if not self.registration_enabled or not self.registration_requires_token:
-            raise Forbidden("Registration tokens are not in use on this server")
+        if not self.registration_enabled:
+            raise Forbidden("Registration is disabled on this server")
+        if not self.registration_requires_token:
+            return False  # tokens are not in use, so none is valid
         if not is_valid_opaque_id(token, 64):
             return False
         row = await self._db.read(accounts_store.get_registration_token, token)

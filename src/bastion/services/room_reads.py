@@ -148,8 +148,10 @@ class RoomReadService:
             entry: dict[str, Any] = {}
             name = event.content.get("displayname")
             avatar = event.content.get("avatar_url")
-            entry["display_name"] = name if isinstance(name, str) else None
-            entry["avatar_url"] = avatar if isinstance(avatar, str) else None
+            if isinstance(name, str):
+                entry["display_name"] = name
+            if isinstance(avatar, str):
+                entry["avatar_url"] = avatar
             out[user] = entry
         return out
 

@@ -162,8 +162,8 @@ class RoomService:
         preset = body.get("preset")
         if preset is None:
             preset = "public_chat" if visibility == "public" else "private_chat"
-        if preset not in PRESETS:
-            raise BadJson(f"unknown preset {preset!r}")
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise BadJson("'preset' must be private_chat, trusted_private_chat or public_chat")
         version_id = body.get("room_version", self._default_version)
         if not isinstance(version_id, str):
             raise BadJson("'room_version' must be a string")

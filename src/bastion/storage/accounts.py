@@ -105,6 +105,23 @@ def set_profile_field(txn: Txn, user_id: str, field: str, value: str | None) -> 
     )
 
 
+def get_profile_fields(txn: Txn, user_id: str) -> dict[str, bytes]:
+    rows = txn.fetchall("SELECT field, value FROM profile_fields WHERE user_id = ?", (user_id,))
+    return {r[0]: bytes(r[1]) for r in rows}
+
+
+def set_profile_custom_field(txn: Txn, user_id: str, field: str, value: bytes) -> None:
+    txn.execute(
+        "INSERT INTO profile_fields (user_id, field, value) VALUES (?, ?, ?) "
+        "ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
+        (user_id, field, value),
+    )
+
+
+def delete_profile_custom_field(txn: Txn, user_id: str, field: str) -> None:
+    txn.execute("DELETE FROM profile_fields WHERE user_id = ? AND field = ?", (user_id, field))
+
+
 # -- devices and tokens --------------------------------------------------------------
 
 

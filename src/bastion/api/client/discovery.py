@@ -39,6 +39,7 @@ async def capabilities(req: Request) -> dict[str, Any]:
                 "available": {v: "stable" for v in KNOWN_ROOM_VERSIONS},
             },
             "m.set_displayname": {"enabled": True},
+            "m.profile_fields": {"enabled": True},
             "m.set_avatar_url": {"enabled": True},
             "m.3pid_changes": {"enabled": False},
             "m.get_login_token": {"enabled": False},

@@ -26,10 +26,17 @@ async def get_profile(req: Request) -> dict[str, Any]:
 async def get_profile_field(req: Request) -> dict[str, Any]:
     """GET /_matrix/client/v3/profile/{userId}/{keyName}"""
     field = req.params["keyName"]
+    req.hs.profiles.check_key(field)
     profile = await req.hs.profiles.get(_user(req))
     if field not in profile:
         raise NotFound(f"No {field} set")
     return {field: profile[field]}
+
+
+async def delete_profile_field(req: Request) -> dict[str, Any]:
+    """DELETE /_matrix/client/v3/profile/{userId}/{keyName}"""
+    await req.hs.profiles.delete_field(req.requester, _user(req), req.params["keyName"])
+    return {}
 
 
 async def put_profile_field(req: Request) -> dict[str, Any]:
@@ -106,6 +113,7 @@ def register(routes: RouteTable) -> None:
     routes.add("GET", CLIENT_V3 + "/profile/{userId}", get_profile)
     routes.add("GET", CLIENT_V3 + "/profile/{userId}/{keyName}", get_profile_field)
     routes.add("PUT", CLIENT_V3 + "/profile/{userId}/{keyName}", put_profile_field)
+    routes.add("DELETE", CLIENT_V3 + "/profile/{userId}/{keyName}", delete_profile_field)
     routes.add("GET", CLIENT_V3 + "/user/{userId}/account_data/{type}", get_account_data)
     routes.add("PUT", CLIENT_V3 + "/user/{userId}/account_data/{type}", put_account_data)
     routes.add("GET", CLIENT_V3 + "/user/{userId}/rooms/{roomId}/account_data/{type}", get_room_account_data)
