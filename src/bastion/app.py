@@ -140,6 +140,7 @@ class Homeserver:
             notifier=self.notifier,
             bundler=self.bundler,
             max_limit=settings.limits.messages_limit_max,
+            ignored_users=self._ignored_users,
         )
         self.relations = RelationsService(db, self.event_cache, self.reads, self.bundler)
         self.events.validators.append(self.relations.validate_new_event)
@@ -196,6 +197,9 @@ class Homeserver:
         self.persister.listeners.append(self._after_persist)
         self._tasks: list[asyncio.Task[Any]] = []
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
+
+    async def _ignored_users(self, user_id: str) -> frozenset[str]:
+        return await self.account_data.ignored_users(user_id)
 
     def _after_persist(self, unit: Any) -> None:
         """Side effects of committed events on ephemeral state."""

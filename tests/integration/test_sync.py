@@ -264,3 +264,29 @@ def test_aliases(pair) -> None:
     # join by alias
     pub = alice.create_room(room_alias_name="lobby", initial_state=[{"type": "m.room.join_rules", "content": {"join_rule": "public"}}])
     assert bob.call("POST", "/_matrix/client/v3/join/%23lobby:localhost", {})["room_id"] == pub
+
+
+def test_ignored_users(server: ServerProcess) -> None:
+    alice, troll, friend = (server.client().register() for _ in range(3))
+    room = alice.create_room(invite=[troll.user_id, friend.user_id], power_level_content_override={"state_default": 0})
+    troll.join(room)
+    friend.join(room)
+    alice.call("PUT", f"/_matrix/client/v3/user/{alice.user_id}/account_data/m.ignored_user_list",
+               {"ignored_users": {troll.user_id: {}}})
+    since = alice.sync()["next_batch"]
+    troll.send(room, "noise")
+    friend.send(room, "signal")
+    troll.call("PUT", f"/_matrix/client/v3/rooms/{room}/state/org.example.note/{troll.user_id}", {"x": 1})
+    events = joined(alice.sync(since=since), room)["timeline"]["events"]
+    assert [e.get("content", {}).get("body") for e in events if e["type"] == "m.room.message"] == ["signal"]
+    assert any(e["type"] == "org.example.note" for e in events)  # state events still arrive
+    page = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/messages", params={"dir": "b", "limit": 5})
+    assert "noise" not in [e["content"].get("body") for e in page["chunk"]]
+    counts = joined(alice.sync(since=since), room)["unread_notifications"]
+    assert counts["notification_count"] == 1
+    other = troll.create_room(invite=[alice.user_id])
+    assert other not in alice.sync(since=since)["rooms"].get("invite", {})  # invites from ignored users are dropped
+    alice.call("PUT", f"/_matrix/client/v3/user/{alice.user_id}/account_data/m.ignored_user_list", {"ignored_users": {}})
+    since = alice.sync()["next_batch"]
+    troll.send(room, "heard again")
+    assert [e["content"]["body"] for e in joined(alice.sync(since=since), room)["timeline"]["events"]] == ["heard again"]

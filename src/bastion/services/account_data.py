@@ -30,6 +30,7 @@ class AccountDataService:
         self._lock = asyncio.Lock()
         # user -> newest account-data stream ID they have (unknown users: ask the DB)
         self._latest_for_user: dict[str, int] = {}
+        self._ignored: dict[str, frozenset[str]] = {}
 
     async def put(self, user_id: str, room_id: str, data_type: str, content: dict[str, object]) -> None:
         encoded = orjson.dumps(content)
@@ -38,8 +39,22 @@ class AccountDataService:
             await self._db.write(rooms_store.put_account_data, user_id, room_id, data_type, stream_id, encoded)
             self._last = stream_id
             self._latest_for_user[user_id] = stream_id
+            if data_type == "m.ignored_user_list" and not room_id:
+                self._ignored[user_id] = _parse_ignored(content)
             self._notifier.advance(replace(self._notifier.current, account_data=stream_id))
             self._notifier.notify_users([user_id])
+
+    async def ignored_users(self, user_id: str) -> frozenset[str]:
+        """Users in the user's ``m.ignored_user_list`` (cached; updated on write)."""
+        cached = self._ignored.get(user_id)
+        if cached is not None:
+            return cached
+        raw = await self.get(user_id, "", "m.ignored_user_list")
+        ignored = _parse_ignored(orjson.loads(raw)) if raw is not None else frozenset()
+        self._ignored[user_id] = ignored
+        if len(self._ignored) > 100_000:
+            self._ignored.pop(next(iter(self._ignored)))
+        return ignored
 
     async def get(self, user_id: str, room_id: str, data_type: str) -> bytes | None:
         return await self._db.read(rooms_store.get_account_data, user_id, room_id, data_type)
@@ -61,3 +76,8 @@ class AccountDataService:
         bound = upto if rows else after
         self._latest_for_user[user_id] = max(self._latest_for_user.get(user_id, 0), bound)
         return out
+
+
+def _parse_ignored(content: object) -> frozenset[str]:
+    users = content.get("ignored_users") if isinstance(content, dict) else None
+    return frozenset(u for u in users if isinstance(u, str)) if isinstance(users, dict) else frozenset()

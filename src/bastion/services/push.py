@@ -244,6 +244,8 @@ class PushRulesService:
     async def actions_for(self, user_id: str, event: Event, room: RoomSnapshot) -> list[Any] | None:
         if event.sender == user_id:
             return None
+        if event.state_key is None and event.sender in await self._account_data.ignored_users(user_id):
+            return None
         ruleset = await self.ruleset(user_id)
         member = room.state.get(("m.room.member", user_id))
         name = member.content.get("displayname") if member is not None else None

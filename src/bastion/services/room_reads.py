@@ -9,6 +9,7 @@ Individual events are then filtered with the history-visibility rules
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,14 +50,26 @@ class MessagesPage:
 
 class RoomReadService:
     def __init__(
-        self, *, db: Database, events: EventService, event_cache: EventCache, notifier: Notifier, bundler: Bundler, max_limit: int
+        self,
+        *,
+        db: Database,
+        events: EventService,
+        event_cache: EventCache,
+        notifier: Notifier,
+        bundler: Bundler,
+        max_limit: int,
+        ignored_users: Callable[[str], Awaitable[frozenset[str]]] | None = None,
     ) -> None:
+        self._ignored_lookup = ignored_users
         self._bundler = bundler
         self._db = db
         self._events = events
         self._cache = event_cache
         self._notifier = notifier
         self._max_limit = max_limit
+
+    async def _ignored(self, user_id: str) -> frozenset[str]:
+        return await self._ignored_lookup(user_id) if self._ignored_lookup is not None else frozenset()
 
     async def access(self, requester: Requester, room_id: str) -> Access:
         room = await self._events.rooms.get(room_id)
@@ -179,6 +192,7 @@ class RoomReadService:
         start_pos = min(start_pos, access.upto)
         to_pos = decode_pagination(to_token, "to") if to_token is not None else None
 
+        ignored = await self._ignored(requester.user_id)
         chunk: list[Event] = []
         position = start_pos
         exhausted = False
@@ -197,7 +211,7 @@ class RoomReadService:
             rows = self._cache.canonical(rows)
             for event in rows:
                 position = event.stream_ordering - 1 if backwards else event.stream_ordering
-                if not event_filter.allows_event(event):
+                if not event_filter.allows_event(event) or (event.sender in ignored and event.state_key is None):
                     continue
                 if not is_visible(event, requester.user_id, access.memberships, access.room.visibility):
                     continue

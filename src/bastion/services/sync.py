@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -60,7 +60,7 @@ class _RoomCtx:
     membership: Membership
     upto: int
     history: list[tuple[int, str]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    ignored: frozenset[str] = frozenset()
 
 
 class SyncService:
@@ -144,6 +144,7 @@ class SyncService:
         if since is None or req.full_state:
             self._sent_members.pop(lazy_cache_key, None)
 
+        ignored = await self._account_data.ignored_users(user)
         account_changes = await self._account_data.changes(user, since.account_data if since else 0, token.account_data)
         room_account_data: dict[str, list[dict[str, Any]]] = {}
         for room_id, data_type, content in account_changes.room:
@@ -159,7 +160,7 @@ class SyncService:
                 room = self._rooms.cached(room_id) or await self._rooms.get(room_id)
                 if room is None:
                     continue
-                ctx = _RoomCtx(room, m, token.events)
+                ctx = _RoomCtx(room, m, token.events, ignored=ignored)
                 body: dict[str, Any] | None
                 full = changed or req.full_state or since_pos is None
                 ephemeral_after = None if full or since is None else since
@@ -191,6 +192,9 @@ class SyncService:
                 room = await self._rooms.get(room_id)
                 if room is None:
                     continue
+                inviter = room.state.get(("m.room.member", user))
+                if inviter is not None and inviter.sender in ignored:
+                    continue  # spec: invites from ignored users are not sent
                 invite[room_id] = {"invite_state": {"events": await self._invite_state(room, m)}}
             elif m.membership in ("leave", "ban"):
                 if since_pos is None and not room_filter.include_leave:
@@ -200,7 +204,7 @@ class SyncService:
                 room = await self._rooms.get(room_id)
                 if room is None:
                     continue
-                ctx = _RoomCtx(room, m, min(token.events, m.stream_ordering))
+                ctx = _RoomCtx(room, m, min(token.events, m.stream_ordering), ignored=ignored)
                 body = await self._room_leave(req, ctx, since_pos, limit, now, device_key)
                 body["account_data"] = {"events": room_account_data.get(room_id, [])}
                 leave[room_id] = body
@@ -262,6 +266,13 @@ class SyncService:
             ctx.history = await self._db.read(events_store.get_membership_history, ctx.room.room_id, user)
         return ctx.history
 
+    @staticmethod
+    def _wanted(ctx: _RoomCtx, tfilter: EventFilter, event: Event) -> bool:
+        """Timeline filter, and: no non-state events from ignored users."""
+        if event.sender in ctx.ignored and event.state_key is None:
+            return False
+        return tfilter.allows_event(event)
+
     async def _visible(self, ctx: _RoomCtx, user: str, event: Event) -> bool:
         m = ctx.membership
         if m.membership == "join" and event.stream_ordering > m.stream_ordering:
@@ -283,7 +294,7 @@ class SyncService:
             if event.stream_ordering <= low:
                 reached_low = True
                 break
-            if tfilter.allows_event(event) and await self._visible(ctx, user, event):
+            if self._wanted(ctx, tfilter, event) and await self._visible(ctx, user, event):
                 picked.append(event)
                 if len(picked) > limit:
                     picked.pop()
@@ -299,7 +310,7 @@ class SyncService:
                 )
                 for event in self._cache.canonical(chunk):
                     position = event.stream_ordering - 1
-                    if tfilter.allows_event(event) and await self._visible(ctx, user, event):
+                    if self._wanted(ctx, tfilter, event) and await self._visible(ctx, user, event):
                         picked.append(event)
                         if len(picked) > limit:
                             picked.pop()
