@@ -29,7 +29,9 @@ from bastion.services.caches import EventCache, MembershipIndex, RoomCache
 from bastion.services.deactivation import DeactivationService
 from bastion.services.devices import DeviceService
 from bastion.services.directory import DirectoryService
+from bastion.services.e2ee import KeysService
 from bastion.services.filters import FilterService
+from bastion.services.key_backup import KeyBackupService
 from bastion.services.persister import EventPersister
 from bastion.services.presence import PresenceService
 from bastion.services.profiles import ProfileService
@@ -45,6 +47,7 @@ from bastion.services.sync import SyncService
 from bastion.services.typing import TypingService
 from bastion.settings import Settings
 from bastion.storage import accounts as accounts_store
+from bastion.storage import e2e as e2e_store
 from bastion.storage import events as events_store
 from bastion.storage import receipts as receipts_store
 from bastion.storage import rooms as rooms_store
@@ -90,6 +93,8 @@ def _initial_positions(txn: Any) -> StreamToken:
         events=events_store.max_stream_ordering(txn),
         account_data=rooms_store.max_account_data_stream(txn),
         receipts=receipts_store.max_receipt_stream(txn),
+        to_device=e2e_store.max_to_device_stream(txn),
+        device_lists=e2e_store.max_device_list_stream(txn),
     )
 
 
@@ -131,6 +136,7 @@ class Homeserver:
             aliases=self.aliases,
             directory=self.directory,
             default_room_version=settings.default_room_version,
+            encrypt_by_default=settings.encryption_enabled_by_default_for_room_type,
         )
         self.bundler = Bundler(db, self.event_cache)
         self.reads = RoomReadService(
@@ -148,6 +154,10 @@ class Homeserver:
         self.account_data = AccountDataService(db, self.notifier, positions.account_data)
         self.receipts = ReceiptsService(db, self.room_cache, self.event_cache, self.notifier, self.account_data, positions.receipts)
         self.typing = TypingService(self.room_cache, self.notifier)
+        self.keys = KeysService(
+            db, server_name, self.room_cache, self.memberships, self.notifier, positions.device_lists, positions.to_device
+        )
+        self.key_backup = KeyBackupService(db)
         self.push_rules = PushRulesService(db, self.room_cache, self.memberships, self.receipts, self.account_data)
         self.pushers = PusherService(db, self.push_rules, self.room_cache, list(settings.push.gateway_url_prefixes))
         self.persister.listeners.append(self.pushers.on_persisted)
@@ -171,6 +181,7 @@ class Homeserver:
             presence=self.presence,
             bundler=self.bundler,
             push=self.push_rules,
+            keys=self.keys,
             max_timeout_ms=settings.limits.sync_max_timeout_ms,
             timeline_limit_max=settings.limits.timeline_limit_max,
         )
@@ -192,11 +203,19 @@ class Homeserver:
         self.devices = DeviceService(db, self.auth, self.uia)
         self.deactivation = DeactivationService(db, self.auth, self.rooms, self.memberships)
         self.signals = SignalPoller(db)
-        self.signals.on("deactivated", self.deactivation.finish)
-        self.signals.on("user_tokens", self.auth.forget_user)
+        self.auth.device_hooks.append(self.keys.device_deleted)
+        self.signals.on("deactivated", self._user_logged_out_elsewhere)
+        self.signals.on("user_tokens", self._user_logged_out_elsewhere)
         self.persister.listeners.append(self._after_persist)
         self._tasks: list[asyncio.Task[Any]] = []
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
+
+    async def _user_logged_out_elsewhere(self, user_id: str) -> None:
+        """The CLI ended a user's sessions (password change, deactivation)."""
+        self.auth.forget_user(user_id)
+        await self.keys.device_deleted(user_id, [])
+        if await self.db.read(accounts_store.is_pending_deactivation, user_id):
+            await self.deactivation.finish(user_id)
 
     async def _ignored_users(self, user_id: str) -> frozenset[str]:
         return await self.account_data.ignored_users(user_id)
@@ -291,6 +310,7 @@ def build_routes() -> RouteTable:
         directory,
         discovery,
         ephemeral,
+        keys,
         profile,
         push,
         relations,
@@ -299,7 +319,7 @@ def build_routes() -> RouteTable:
     )
 
     routes = RouteTable()
-    for module in (discovery, account, rooms, sync, profile, ephemeral, directory, relations, push, admin_register):
+    for module in (discovery, account, rooms, sync, profile, ephemeral, directory, relations, push, keys, admin_register):
         module.register(routes)
     return routes
 

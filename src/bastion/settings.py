@@ -159,6 +159,7 @@ class Settings(_Section):
     well_known: WellKnownSettings = Field(default_factory=WellKnownSettings)
     trusted_proxies: list[str] = Field(default_factory=list)
     default_room_version: str = "10"
+    encryption_enabled_by_default_for_room_type: Literal["off", "all", "invite"] = "off"
     shutdown_grace_seconds: Annotated[float, Field(ge=0, le=600)] = 10.0
 
     @field_validator("server_name")

@@ -306,11 +306,13 @@ class AccountService:
             return
         revoked = await self._db.write(accounts_store.delete_device, user_id, device_id)
         self._auth.forget_tokens(revoked)
+        await self._auth.devices_removed(user_id, [device_id])
 
     async def logout_all(self, user_id: str) -> None:
         revoked = await self._db.write(accounts_store.delete_all_devices, user_id, None)
         self._auth.forget_tokens(revoked)
         self._auth.forget_user(user_id)
+        await self._auth.devices_removed(user_id, [])
 
     async def change_password(self, user_id: str, device_id: str | None, body: dict[str, Any], fingerprint: str) -> None:
         new_password = body.get("new_password")
@@ -331,6 +333,8 @@ class AccountService:
 
         revoked = await self._db.write(txn_fn)
         self._auth.forget_tokens(revoked)
+        if logout_devices:
+            await self._auth.devices_removed(user_id, [])
 
     async def set_password_admin(self, user_id: str, password: str) -> None:
         self.check_password_policy(password)

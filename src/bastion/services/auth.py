@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -60,6 +60,9 @@ class AuthService:
         self._by_user: dict[str, set[bytes]] = {}
         self._max = cache_size
         self._seen: dict[tuple[str, str], tuple[int, str | None, str | None]] = {}
+        # Called after devices are deleted (user, device IDs; [] when not known):
+        # the encryption service records a device-list change.
+        self.device_hooks: list[Callable[[str, list[str]], Awaitable[None]]] = []
 
     # -- access tokens ---------------------------------------------------------------------
 
@@ -82,6 +85,10 @@ class AuthService:
         """Activity seen since the last flush to the database, if any."""
         seen = self._seen.get((user_id, device_id))
         return (seen[0], seen[1]) if seen is not None else None
+
+    async def devices_removed(self, user_id: str, device_ids: list[str]) -> None:
+        for hook in self.device_hooks:
+            await hook(user_id, device_ids)
 
     def forget_tokens(self, hashes: Iterable[bytes]) -> None:
         for token_hash in hashes:

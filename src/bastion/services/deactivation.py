@@ -46,6 +46,7 @@ class DeactivationService:
             await self._db.write(accounts_store.set_profile_field, user_id, "avatar_url", None)
         self._auth.forget_tokens(revoked)
         self._auth.forget_user(user_id)
+        await self._auth.devices_removed(user_id, [])
         await self.finish(user_id)
 
     async def finish(self, user_id: str) -> None:

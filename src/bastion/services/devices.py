@@ -73,3 +73,4 @@ class DeviceService:
             return revoked
 
         self._auth.forget_tokens(await self._db.write(txn_fn))
+        await self._auth.devices_removed(requester.user_id, list(device_ids))

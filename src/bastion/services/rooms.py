@@ -111,7 +111,9 @@ class RoomService:
         aliases: AliasService,
         directory: DirectoryService,
         default_room_version: str,
+        encrypt_by_default: str = "off",
     ) -> None:
+        self._encrypt_by_default = encrypt_by_default
         self.server_name = server_name
         self._db = db
         self._events = events
@@ -232,6 +234,9 @@ class RoomService:
             EventSpec(creator, "m.room.history_visibility", {"history_visibility": history}, state_key=""),
             EventSpec(creator, "m.room.guest_access", {"guest_access": guest}, state_key=""),
         ]
+        encrypt = self._encrypt_by_default == "all" or (self._encrypt_by_default == "invite" and join_rule_value == "invite")
+        if encrypt and not any(s.type == "m.room.encryption" for s in initial_specs):
+            specs.append(EventSpec(creator, "m.room.encryption", {"algorithm": "m.megolm.v1.aes-sha2"}, state_key=""))
         specs += initial_specs
         if name is not None:
             specs.append(EventSpec(creator, "m.room.name", {"name": name}, state_key=""))

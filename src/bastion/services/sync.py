@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -26,6 +26,7 @@ from bastion.core.filters import EventFilter, Filter, apply_event_fields
 from bastion.core.visibility import is_visible
 from bastion.services.account_data import AccountDataService
 from bastion.services.caches import EventCache, Membership, MembershipIndex, RoomCache, RoomSnapshot
+from bastion.services.e2ee import KeysService
 from bastion.services.presence import PresenceService
 from bastion.services.push import PushRulesService
 from bastion.services.receipts import ReceiptsService
@@ -78,6 +79,7 @@ class SyncService:
         presence: PresenceService,
         bundler: Bundler,
         push: PushRulesService,
+        keys: KeysService,
         max_timeout_ms: int,
         timeline_limit_max: int,
     ) -> None:
@@ -92,6 +94,7 @@ class SyncService:
         self._presence = presence
         self._bundler = bundler
         self._push = push
+        self._keys = keys
         self._max_timeout_ms = max_timeout_ms
         self._timeline_limit_max = timeline_limit_max
         self._sent_members: OrderedDict[tuple[str, str | None], dict[str, dict[str, str]]] = OrderedDict()
@@ -229,7 +232,69 @@ class SyncService:
         presence = [e for e in presence if req.filter.presence.allows(e["type"], e["sender"])]
         response["presence"] = {"events": presence}
         has_data = bool(join or invite or leave or global_events or presence)
+
+        device = req.requester.device_id
+        if device is not None:
+            to_device, td_position = await self._keys.to_device_for(
+                user, device, since.to_device if since else None, token.to_device
+            )
+            response["to_device"] = {"events": to_device}
+            if td_position != token.to_device:
+                response["next_batch"] = replace(token, to_device=td_position).encode()
+            counts, unused = await self._keys.counts(user, device)
+            response["device_one_time_keys_count"] = counts
+            response["device_unused_fallback_key_types"] = unused
+            has_data = has_data or bool(to_device)
+        if since is not None:
+            dl_changed, dl_left = await self._device_list_delta(user, since, token, memberships)
+            response["device_lists"] = {"changed": sorted(dl_changed), "left": sorted(dl_left)}
+            has_data = has_data or bool(dl_changed or dl_left)
         return orjson.dumps(response), has_data
+
+    async def _device_list_delta(
+        self, user: str, since: StreamToken, token: StreamToken, memberships: dict[str, Membership]
+    ) -> tuple[set[str], set[str]]:
+        """``device_lists``: users whose devices changed, or who started or stopped sharing a room."""
+        changed = await self._keys.changes(user, since.device_lists, token.device_lists)
+        newly_shared: set[str] = set()
+        maybe_left: set[str] = set()
+        for room_id, m in memberships.items():
+            room = self._rooms.cached(room_id)
+            if room is None or room.last_stream <= since.events:
+                continue
+            if m.stream_ordering > since.events:
+                if m.membership == "join":
+                    newly_shared |= room.joined  # we joined: everyone there is new to us
+                elif m.membership in ("leave", "ban"):
+                    maybe_left |= room.joined  # we left
+                continue
+            if m.membership != "join":
+                continue
+            events = room.events_after(since.events, token.events)
+            if events is None:
+                rows = await self._db.read(events_store.membership_changes, room_id, since.events, token.events)
+            else:
+                rows = [(e.state_key, e.membership or "leave") for e in events if e.type == "m.room.member" and e.state_key]
+            for target, membership in rows:
+                if membership == "join":
+                    newly_shared.add(target)
+                elif membership in ("leave", "ban"):
+                    maybe_left.add(target)
+        newly_shared.discard(user)
+        maybe_left.discard(user)
+        left = set()
+        for other in maybe_left - newly_shared:
+            if not await self._keys.shares_a_room(user, other):
+                left.add(other)
+        return (changed | newly_shared) - left, left
+
+    async def key_changes(self, requester: Requester, start: StreamToken, end: StreamToken) -> dict[str, Any]:
+        """GET /keys/changes between two sync tokens."""
+        user = requester.user_id
+        memberships = dict(await self._memberships.rooms_for(user))
+        end = end.min(self._notifier.current)
+        changed, left = await self._device_list_delta(user, start, end, memberships)
+        return {"changed": sorted(changed), "left": sorted(left)}
 
     # -- rooms ------------------------------------------------------------------------------------
 

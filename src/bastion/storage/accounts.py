@@ -185,13 +185,22 @@ def delete_device_tokens(txn: Txn, user_id: str, device_id: str) -> list[bytes]:
 
 
 def delete_device(txn: Txn, user_id: str, device_id: str) -> list[bytes]:
-    """Delete a device and its tokens; returns the token hashes removed."""
+    """Delete a device, its tokens and its encryption keys; returns the token hashes removed."""
+    from bastion.storage.e2e import delete_device_e2e
+
     hashes = delete_device_tokens(txn, user_id, device_id)
     txn.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id))
+    delete_device_e2e(txn, user_id, device_id)
     return hashes
 
 
 def delete_all_devices(txn: Txn, user_id: str, except_device: str | None = None) -> list[bytes]:
+    """Delete every device (but ``except_device``), with tokens and encryption keys."""
+    from bastion.storage.e2e import delete_device_e2e
+
+    for (device_id,) in txn.fetchall("SELECT device_id FROM devices WHERE user_id = ?", (user_id,)):
+        if device_id != except_device:
+            delete_device_e2e(txn, user_id, device_id)
     if except_device is None:
         rows = txn.fetchall("SELECT token_hash FROM access_tokens WHERE user_id = ?", (user_id,))
         txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
@@ -342,6 +351,10 @@ def add_pending_deactivation(txn: Txn, user_id: str, now_ms: int) -> None:
 
 def list_pending_deactivations(txn: Txn) -> list[str]:
     return [r[0] for r in txn.fetchall("SELECT user_id FROM pending_deactivations ORDER BY requested_ts")]
+
+
+def is_pending_deactivation(txn: Txn, user_id: str) -> bool:
+    return txn.fetchone("SELECT 1 FROM pending_deactivations WHERE user_id = ?", (user_id,)) is not None
 
 
 def remove_pending_deactivation(txn: Txn, user_id: str) -> None:

@@ -184,6 +184,15 @@ def get_state_keys_changed(txn: Txn, room_id: str, after: int, upto: int) -> set
     return {(r[0], r[1]) for r in rows}
 
 
+def membership_changes(txn: Txn, room_id: str, after: int, upto: int) -> list[tuple[str, str]]:
+    rows = txn.fetchall(
+        "SELECT state_key, membership FROM events WHERE room_id = ? AND type = 'm.room.member' "
+        "AND stream_ordering > ? AND stream_ordering <= ? ORDER BY stream_ordering",
+        (room_id, after, upto),
+    )
+    return [(r[0], r[1] or "leave") for r in rows]
+
+
 def get_membership_history(txn: Txn, room_id: str, user_id: str) -> list[tuple[int, str]]:
     rows = txn.fetchall(
         "SELECT stream_ordering, membership FROM events WHERE room_id = ? AND type = 'm.room.member' "
