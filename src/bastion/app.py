@@ -32,6 +32,8 @@ from bastion.services.directory import DirectoryService
 from bastion.services.e2ee import KeysService
 from bastion.services.filters import FilterService
 from bastion.services.key_backup import KeyBackupService
+from bastion.services.media import MediaConfig, MediaService
+from bastion.services.media_store import LocalMediaStore
 from bastion.services.persister import EventPersister
 from bastion.services.presence import PresenceService
 from bastion.services.profiles import ProfileService
@@ -45,6 +47,7 @@ from bastion.services.search import SearchService
 from bastion.services.signals import SignalPoller
 from bastion.services.sync import SyncService
 from bastion.services.typing import TypingService
+from bastion.services.url_preview import UrlPreviewService
 from bastion.settings import Settings
 from bastion.storage import accounts as accounts_store
 from bastion.storage import e2e as e2e_store
@@ -201,6 +204,28 @@ class Homeserver:
         )
         self.profiles = ProfileService(db, self.events, self.memberships)
         self.devices = DeviceService(db, self.auth, self.uia)
+        media = settings.media
+        self.media = MediaService(
+            db,
+            LocalMediaStore(media.store_path or settings.data_dir / "media"),
+            server_name,
+            MediaConfig(
+                max_upload_bytes=media.max_upload_bytes,
+                user_quota_bytes=media.user_quota_bytes,
+                uploads_per_minute=media.uploads_per_minute,
+                max_image_pixels=media.max_image_pixels,
+                legacy_unauthenticated=media.legacy_unauthenticated,
+            ),
+        )
+        previews = settings.url_preview
+        self.url_preview = UrlPreviewService(
+            enabled=previews.enabled,
+            blocked_networks=previews.blocked_networks,
+            allowed_networks=previews.allowed_networks,
+            allowed_ports=previews.allowed_ports,
+            max_bytes=previews.max_bytes,
+            timeout_s=previews.timeout_s,
+        )
         self.deactivation = DeactivationService(db, self.auth, self.rooms, self.memberships)
         self.signals = SignalPoller(db)
         self.auth.device_hooks.append(self.keys.device_deleted)
@@ -290,6 +315,7 @@ class Homeserver:
         await self.persister.flush()
         await self.presence.stop()
         await self.pushers.close()
+        self.media.close()
         self.typing.close()
         await self.signals.stop()
         for task in self._tasks:
@@ -304,6 +330,7 @@ class Homeserver:
 
 
 def build_routes() -> RouteTable:
+    from bastion.api.admin import media as admin_media
     from bastion.api.admin import register as admin_register
     from bastion.api.client import (
         account,
@@ -311,6 +338,7 @@ def build_routes() -> RouteTable:
         discovery,
         ephemeral,
         keys,
+        media,
         profile,
         push,
         relations,
@@ -319,7 +347,11 @@ def build_routes() -> RouteTable:
     )
 
     routes = RouteTable()
-    for module in (discovery, account, rooms, sync, profile, ephemeral, directory, relations, push, keys, admin_register):
+    modules = (
+        discovery, account, rooms, sync, profile, ephemeral, directory, relations, push, keys, media,
+        admin_register, admin_media,
+    )
+    for module in modules:
         module.register(routes)
     return routes
 

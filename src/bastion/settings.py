@@ -132,6 +132,34 @@ class PushSettings(_Section):
     gateway_url_prefixes: list[str] = Field(default_factory=list)
 
 
+class MediaSettings(_Section):
+    store_path: Path | None = None
+    max_upload_bytes: Annotated[int, Field(ge=1024, le=10 * 1024**3)] = 100 * 1024 * 1024
+    user_quota_bytes: Annotated[int, Field(ge=0)] = 10 * 1024**3
+    uploads_per_minute: Annotated[int, Field(ge=1, le=100_000)] = 60
+    max_image_pixels: Annotated[int, Field(ge=1, le=1_000_000_000)] = 32_000_000
+    legacy_unauthenticated: bool = False
+
+
+class UrlPreviewSettings(_Section):
+    enabled: bool = False
+    blocked_networks: list[str] = Field(default_factory=list)
+    allowed_networks: list[str] = Field(default_factory=list)
+    allowed_ports: list[int] = Field(default_factory=lambda: [80, 443])
+    max_bytes: Annotated[int, Field(ge=1024, le=100 * 1024 * 1024)] = 2 * 1024 * 1024
+    timeout_s: Annotated[float, Field(gt=0, le=120)] = 10
+
+    @field_validator("blocked_networks", "allowed_networks")
+    @classmethod
+    def _nets(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{net!r} is not an IP network") from exc
+        return value
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = False
@@ -154,6 +182,8 @@ class Settings(_Section):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     presence: PresenceSettings = Field(default_factory=PresenceSettings)
     push: PushSettings = Field(default_factory=PushSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    url_preview: UrlPreviewSettings = Field(default_factory=UrlPreviewSettings)
     room_directory: RoomDirectorySettings = Field(default_factory=RoomDirectorySettings)
     user_directory: UserDirectorySettings = Field(default_factory=UserDirectorySettings)
     well_known: WellKnownSettings = Field(default_factory=WellKnownSettings)

@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -60,11 +60,21 @@ class Response:
     headers: Sequence[tuple[bytes, bytes]] = ()
 
 
+@dataclass
+class StreamResponse:
+    """A response whose body is produced chunk by chunk (media downloads)."""
+
+    chunks: AsyncIterator[bytes]
+    headers: Sequence[tuple[bytes, bytes]]
+    status: int = 200
+    length: int | None = None
+
+
 def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status)
 
 
-Handler = Callable[["Request"], Awaitable[Response | dict[str, Any]]]
+Handler = Callable[["Request"], Awaitable[Response | StreamResponse | dict[str, Any]]]
 
 
 class Request:
@@ -164,6 +174,29 @@ class Request:
         self._body = b"".join(chunks)
         return self._body
 
+    async def stream(self, limit: int) -> AsyncIterator[bytes]:
+        """The request body, chunk by chunk, refusing more than ``limit`` bytes (413)."""
+        length = self.headers.get(b"content-length")
+        if length is not None:
+            try:
+                if int(length) > limit:
+                    raise TooLarge(f"The upload is larger than {limit} bytes")
+            except ValueError:
+                raise MatrixError("Invalid Content-Length", errcode="M_UNKNOWN", status=400) from None
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge(f"The upload is larger than {limit} bytes")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+
     async def json(self, *, allow_empty: bool = False) -> dict[str, Any]:
         raw = await self.body()
         if not raw.strip():
@@ -241,7 +274,8 @@ def compile_path(template: str) -> tuple[re.Pattern[str], list[str]]:
         literal = template[pos : match.start()]
         name, fixed, optional = match.group(1), match.group(2), match.group(3)
         if fixed is not None:
-            pattern += re.escape(literal) + "(?:r0|v3)"
+            alternatives = "r0|v3" if fixed == "v3" else re.escape(fixed)
+            pattern += re.escape(literal) + f"(?:{alternatives})"
         elif optional:
             if not literal.endswith("/"):
                 raise ValueError("optional segments must follow a '/'")
@@ -363,7 +397,7 @@ class MatrixApp:
             path = raw_path.decode("ascii")
         except UnicodeDecodeError:
             path = raw_path.decode("latin-1")
-        response: Response | dict[str, Any]
+        response: Response | StreamResponse | dict[str, Any]
         try:
             route, params, known = self._routes.match(method, path)
             if route is None:
@@ -394,11 +428,29 @@ class MatrixApp:
             ref = secrets.token_hex(6)
             log.exception("unhandled error handling %s %s (ref %s)", method, scope.get("path"), ref)
             response = Response(orjson.dumps({"errcode": "M_UNKNOWN", "error": f"Internal server error (ref {ref})"}), 500)
+        if isinstance(response, StreamResponse):
+            await _send_stream(send, response)
+            return
         if isinstance(response, dict):
             response = Response(orjson.dumps(response))
         if self._access_log:
             log.info("%s %s %d", method, scope.get("path"), response.status)
         await _send(send, response.status, response.body, response.headers)
+
+
+async def _send_stream(send: Callable[..., Any], response: StreamResponse) -> None:
+    headers = [*CORS_HEADERS, *SECURITY_HEADERS, *response.headers]
+    if response.length is not None:
+        headers.append((b"content-length", str(response.length).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    try:
+        async for chunk in response.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        close = getattr(response.chunks, "aclose", None)
+        if close is not None:
+            await close()
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _send(send: Callable[..., Any], status: int, body: bytes, extra: Sequence[tuple[bytes, bytes]]) -> None:

@@ -356,7 +356,7 @@ class PusherService:
         for task in list(self._tasks):
             task.cancel()
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
 
     def _allowed(self, url: str) -> bool:
         return any(url.startswith(prefix) for prefix in self._prefixes)
@@ -447,7 +447,7 @@ class PusherService:
     async def _deliver(
         self, user: str, pusher: dict[str, Any], event: Event, room: RoomSnapshot, actions: list[Any], highlight: bool, unread: int
     ) -> None:
-        import httpx
+        import aiohttp
 
         data = dict(pusher["data"])
         url = data.pop("url")
@@ -474,22 +474,27 @@ class PusherService:
             if room_name is not None and isinstance(room_name.content.get("name"), str):
                 notification["room_name"] = room_name.content["name"]
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout), trust_env=False)
         delay = 1.0
         for attempt in range(5):
             try:
-                resp = await self._client.post(url, content=orjson.dumps({"notification": notification}),
-                                               headers={"Content-Type": "application/json"})
-                if resp.status_code == 200:
-                    rejected = resp.json().get("rejected", [])
-                    if pusher["pushkey"] in rejected:
-                        await self._db.write(push_store.delete_pushers_by_key, pusher["app_id"], pusher["pushkey"])
-                        self._users = await self._db.read(push_store.users_with_pushers)
-                    return
-                if 400 <= resp.status_code < 500:
-                    log.warning("push gateway refused a notification for %s: %d", user, resp.status_code)
-                    return
-            except (httpx.HTTPError, ValueError) as exc:
+                async with self._client.post(
+                    url,
+                    data=orjson.dumps({"notification": notification}),
+                    headers={"Content-Type": "application/json"},
+                    allow_redirects=False,
+                ) as resp:
+                    if resp.status == 200:
+                        answer = await resp.json(content_type=None)
+                        rejected = answer.get("rejected", []) if isinstance(answer, dict) else []
+                        if pusher["pushkey"] in rejected:
+                            await self._db.write(push_store.delete_pushers_by_key, pusher["app_id"], pusher["pushkey"])
+                            self._users = await self._db.read(push_store.users_with_pushers)
+                        return
+                    if 400 <= resp.status < 500:
+                        log.warning("push gateway refused a notification for %s: %d", user, resp.status)
+                        return
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 log.info("push gateway error (attempt %d): %s", attempt + 1, exc)
             await asyncio.sleep(delay)
             delay *= 2

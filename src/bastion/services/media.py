@@ -1,0 +1,374 @@
+"""The media repository: uploads, authenticated downloads, thumbnails, limits.
+
+Safety rules, in the order a request meets them:
+
+* media IDs are ``[A-Za-z0-9_-]`` only (no path traversal), server names must be ours;
+* uploads stream to storage — never held whole in memory — and stop at
+  ``media.max_upload_bytes`` (413 ``M_TOO_LARGE``); per-user quota and upload rate
+  give 403 ``M_FORBIDDEN`` and 429 ``M_LIMIT_EXCEEDED``;
+* the content type is taken from the bytes when they say what they are; a file that
+  claims to be an image/audio/video type but is not is stored as
+  ``application/octet-stream``, and HTML/SVG/XML are recognised as such;
+* downloads carry ``Content-Disposition: attachment`` unless the type is on the
+  spec's safe inline list, plus ``Content-Security-Policy: sandbox ...``,
+  ``X-Content-Type-Options: nosniff`` and ``Cross-Origin-Resource-Policy``;
+* images are decoded by Pillow only below ``media.max_image_pixels`` (decompression
+  bombs are refused with 413 before any pixel is decoded), on a bounded thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from bastion.clock import now_ms
+from bastion.errors import Forbidden, LimitExceeded, MatrixError, NotFound, TooLarge
+from bastion.services.media_store import LocalMediaStore
+from bastion.services.requester import Requester
+from bastion.storage import media as media_store
+from bastion.storage.database import Database
+from bastion.storage.media import MediaRow
+
+log = logging.getLogger(__name__)
+
+MEDIA_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+SNIFF_BYTES = 8192
+PENDING_LIFETIME_MS = 24 * 3600 * 1000
+MAX_PENDING_PER_USER = 50
+THUMBNAIL_SIZES = ((32, 32, "crop"), (96, 96, "crop"), (320, 240, "scale"), (640, 480, "scale"), (800, 600, "scale"))
+THUMBNAILABLE = {"image/jpeg", "image/png", "image/gif", "image/webp"}
+INLINE_SAFE = frozenset(
+    {
+        "text/css", "text/plain", "text/csv", "application/json", "application/ld+json",
+        "image/jpeg", "image/gif", "image/png", "image/apng", "image/webp", "image/avif",
+        "video/mp4", "video/webm", "video/ogg", "video/quicktime",
+        "audio/mp4", "audio/webm", "audio/aac", "audio/mpeg", "audio/ogg", "audio/wave", "audio/wav",
+        "audio/x-wav", "audio/x-pn-wav", "audio/flac", "audio/x-flac",
+    }
+)
+CSP = b"sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf; style-src 'unsafe-inline'; media-src 'self'; object-src 'self';"
+
+
+class CannotOverwrite(MatrixError):
+    status = 409
+    errcode = "M_CANNOT_OVERWRITE_MEDIA"
+
+
+class NotYetUploaded(MatrixError):
+    status = 504
+    errcode = "M_NOT_YET_UPLOADED"
+
+
+def sniff_content_type(head: bytes, declared: str | None) -> str:
+    """The content type to store, judged from the first bytes and the declared type."""
+    import filetype
+
+    declared = (declared or "").split(";")[0].strip().lower() or None
+    kind = filetype.guess(head) if head else None
+    if kind is not None:
+        return str(kind.mime)
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if b"<svg" in text[:2048]:
+        return "image/svg+xml"
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<script")) or b"<script" in text:
+        return "text/html"
+    if text.startswith(b"<?xml"):
+        return "application/xml"
+    if declared is None:
+        return "application/octet-stream"
+    if declared.split("/")[0] in ("image", "video", "audio") or declared in ("application/pdf", "application/zip"):
+        # It claims a type whose magic bytes we would have recognised: it is not that.
+        return "application/octet-stream"
+    if declared in ("text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml", "text/javascript"):
+        return declared
+    return declared if re.match(r"^[a-z0-9.+-]+/[a-z0-9.+-]+$", declared) else "application/octet-stream"
+
+
+def content_disposition(content_type: str, name: str | None) -> bytes:
+    kind = "inline" if content_type in INLINE_SAFE else "attachment"
+    if not name:
+        return kind.encode()
+    return f"{kind}; filename*=utf-8''{quote(name, safe='')}".encode()
+
+
+@dataclass
+class MediaConfig:
+    max_upload_bytes: int
+    user_quota_bytes: int
+    uploads_per_minute: int
+    max_image_pixels: int
+    legacy_unauthenticated: bool
+
+
+class MediaService:
+    def __init__(self, db: Database, store: LocalMediaStore, server_name: str, config: MediaConfig) -> None:
+        self._db = db
+        self.store = store
+        self.server_name = server_name
+        self.config = config
+        self._recent_uploads: dict[str, deque[float]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="thumbnail")
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        for task in self._tasks:
+            task.cancel()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def check_id(self, server_name: str, media_id: str) -> None:
+        if not MEDIA_ID_RE.match(media_id):
+            raise NotFound("Media not found")
+        if server_name != self.server_name:
+            raise NotFound("This server does not federate; only its own media can be fetched")
+
+    def _rate(self, user_id: str) -> None:
+        now = time.monotonic()
+        window = self._recent_uploads.setdefault(user_id, deque())
+        while window and now - window[0] > 60:
+            window.popleft()
+        if len(window) >= self.config.uploads_per_minute:
+            retry = int((60 - (now - window[0])) * 1000) + 1
+            raise LimitExceeded("Too many uploads; try again later", retry_after_ms=retry)
+        window.append(now)
+
+    async def _check_quota(self, user_id: str, extra: int) -> None:
+        used = await self._db.read(media_store.user_usage, user_id)
+        if used + extra > self.config.user_quota_bytes:
+            raise Forbidden("Your media storage quota is used up")
+
+    def config_response(self) -> dict[str, Any]:
+        return {"m.upload.size": self.config.max_upload_bytes}
+
+    # -- uploading -------------------------------------------------------------------------------
+
+    async def upload(
+        self,
+        requester: Requester,
+        chunks: AsyncIterator[bytes],
+        declared_type: str | None,
+        filename: str | None,
+        declared_length: int | None,
+        media_id: str | None = None,
+    ) -> str:
+        user = requester.user_id
+        if filename is not None and (len(filename) > 255 or "\x00" in filename or "/" in filename):
+            raise MatrixError("Invalid filename", errcode="M_INVALID_PARAM", status=400)
+        self._rate(user)
+        await self._check_quota(user, declared_length or 0)
+        media_id = media_id or secrets.token_urlsafe(18)
+        sniffed: dict[str, str] = {}
+
+        async def sniffing() -> AsyncIterator[bytes]:
+            head = b""
+            async for chunk in chunks:
+                if "type" not in sniffed:
+                    head += chunk
+                    if len(head) < SNIFF_BYTES:
+                        continue
+                    sniffed["type"] = sniff_content_type(head, declared_type)
+                    yield head
+                    continue
+                yield chunk
+            if "type" not in sniffed:
+                sniffed["type"] = sniff_content_type(head, declared_type)
+                if head:
+                    yield head
+
+        size, digest = await self.store.write(media_id, sniffing())
+        content_type = sniffed.get("type", "application/octet-stream")
+        try:
+            await self._check_quota(user, size)
+            await self._db.write(media_store.store_upload, media_id, user, content_type, filename, size, digest, now_ms())
+        except BaseException:
+            await self.store.delete_prefix(media_id)
+            raise
+        waiter = self._waiters.pop(media_id, None)
+        if waiter is not None:
+            waiter.set()
+        if content_type in THUMBNAILABLE:
+            task = asyncio.create_task(self._pregenerate(media_id, content_type))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return f"mxc://{self.server_name}/{media_id}"
+
+    async def create(self, requester: Requester) -> dict[str, Any]:
+        """POST /_matrix/media/v1/create: reserve an MXC URI for a later upload."""
+        now = now_ms()
+        if await self._db.read(media_store.count_pending, requester.user_id, now) >= MAX_PENDING_PER_USER:
+            raise LimitExceeded("Too many pending uploads")
+        media_id = secrets.token_urlsafe(18)
+        expires = now + PENDING_LIFETIME_MS
+        await self._db.write(media_store.create_pending, media_id, requester.user_id, now, expires)
+        return {"content_uri": f"mxc://{self.server_name}/{media_id}", "unused_expires_at": expires}
+
+    async def upload_to(
+        self, requester: Requester, server_name: str, media_id: str, chunks: AsyncIterator[bytes],
+        declared_type: str | None, filename: str | None, declared_length: int | None,
+    ) -> None:
+        self.check_id(server_name, media_id)
+        row = await self._db.read(media_store.get, media_id)
+        if row is None or (row.expires_ts is not None and row.expires_ts < now_ms() and not row.uploaded):
+            raise NotFound("Unknown or expired media ID")
+        if row.user_id != requester.user_id:
+            raise Forbidden("This media ID was created by someone else")
+        if row.uploaded:
+            raise CannotOverwrite("This media has already been uploaded")
+        await self.upload(requester, chunks, declared_type, filename, declared_length, media_id=media_id)
+
+    # -- downloading ------------------------------------------------------------------------------
+
+    async def _row(self, server_name: str, media_id: str, timeout_ms: int | None = None) -> MediaRow:
+        self.check_id(server_name, media_id)
+        row = await self._db.read(media_store.get, media_id)
+        if row is not None and not row.uploaded and not row.quarantined:
+            wait = min(max(timeout_ms if timeout_ms is not None else 20_000, 0), 120_000) / 1000
+            event = self._waiters.setdefault(media_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), wait)
+            except TimeoutError:
+                raise NotYetUploaded("The media has not been uploaded yet") from None
+            row = await self._db.read(media_store.get, media_id)
+        if row is None or row.quarantined or not row.uploaded:
+            raise NotFound("Media not found")
+        return row
+
+    async def download(self, server_name: str, media_id: str, filename: str | None, timeout_ms: int | None) -> tuple[AsyncIterator[bytes], list[tuple[bytes, bytes]], int]:
+        row = await self._row(server_name, media_id, timeout_ms)
+        content_type = row.content_type or "application/octet-stream"
+        headers = [
+            (b"content-type", content_type.encode()),
+            (b"content-disposition", content_disposition(content_type, filename or row.upload_name)),
+            (b"content-security-policy", CSP),
+            (b"cross-origin-resource-policy", b"cross-origin"),
+            (b"cache-control", b"private, max-age=86400"),
+        ]
+        return self.store.read(media_id), headers, row.size or 0
+
+    # -- thumbnails --------------------------------------------------------------------------------
+
+    async def thumbnail(
+        self, server_name: str, media_id: str, width: int, height: int, method: str, animated: bool, timeout_ms: int | None,
+    ) -> tuple[AsyncIterator[bytes], list[tuple[bytes, bytes]], int]:
+        row = await self._row(server_name, media_id, timeout_ms)
+        content_type = row.content_type or "application/octet-stream"
+        if content_type not in THUMBNAILABLE:
+            raise MatrixError("This media cannot be thumbnailed", errcode="M_UNKNOWN", status=400)
+        if animated and content_type in ("image/gif", "image/webp"):
+            return await self.download(server_name, media_id, None, timeout_ms)
+        existing = await self._db.read(media_store.thumbnails, media_id)
+        fits = sorted(
+            (t for t in existing if t[2] == method and t[0] >= width and t[1] >= height),
+            key=lambda t: (t[0] * t[1], t[0]),
+        )
+        if fits:
+            w, h, m, thumb_type, size = fits[0]
+        else:
+            made = await self._generate(media_id, content_type, width, height, method)
+            if made is None:
+                return await self.download(server_name, media_id, None, timeout_ms)  # smaller than asked: original
+            w, h, m, thumb_type, size = made
+        headers = [
+            (b"content-type", thumb_type.encode()),
+            (b"content-disposition", b"inline"),
+            (b"content-security-policy", CSP),
+            (b"cross-origin-resource-policy", b"cross-origin"),
+            (b"cache-control", b"private, max-age=86400"),
+        ]
+        return self.store.read(f"{media_id}/thumb-{w}x{h}-{m}"), headers, size
+
+    async def _pregenerate(self, media_id: str, content_type: str) -> None:
+        for width, height, method in THUMBNAIL_SIZES:
+            try:
+                await self._generate(media_id, content_type, width, height, method)
+            except MatrixError as exc:
+                log.info("no thumbnail for %s: %s", media_id, exc.message)
+                return
+            except Exception:
+                log.exception("thumbnailing %s failed", media_id)
+                return
+
+    async def _generate(self, media_id: str, content_type: str, width: int, height: int, method: str) -> tuple[int, int, str, str, int] | None:
+        data = await self.store.read_bytes(media_id, self.config.max_upload_bytes)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(
+            self._pool, _make_thumbnail, data, width, height, method, self.config.max_image_pixels
+        )
+        if result is None:
+            return None
+        thumb, thumb_type = result
+        await self.store.write_bytes(f"{media_id}/thumb-{width}x{height}-{method}", thumb)
+        await self._db.write(media_store.add_thumbnail, media_id, width, height, method, thumb_type, len(thumb))
+        return width, height, method, thumb_type, len(thumb)
+
+    # -- administration -----------------------------------------------------------------------------
+
+    async def quarantine(self, server_name: str, media_id: str, value: bool = True) -> None:
+        self.check_id(server_name, media_id)
+        if not await self._db.write(media_store.set_quarantined, media_id, value):
+            raise NotFound("Media not found")
+
+    async def quarantine_user(self, user_id: str) -> int:
+        return await self._db.write(media_store.quarantine_user, user_id)
+
+    async def delete(self, media_ids: list[str]) -> int:
+        for media_id in media_ids:
+            await self.store.delete_prefix(media_id)
+            await self._db.write(media_store.delete, media_id)
+        return len(media_ids)
+
+    async def delete_user_media(self, user_id: str) -> int:
+        return await self.delete(await self._db.read(media_store.ids_for_user, user_id))
+
+    async def delete_before(self, before_ts: int, size_gt: int = 0) -> int:
+        return await self.delete(await self._db.read(media_store.ids_before, before_ts, size_gt))
+
+
+def _make_thumbnail(data: bytes, width: int, height: int, method: str, max_pixels: int) -> tuple[bytes, str] | None:
+    """Runs on a worker thread. None if the image is already no larger than asked."""
+    from PIL import Image, ImageOps
+
+    try:
+        image: Image.Image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise TooLarge("The image is too large to thumbnail") from None
+    except Exception as exc:
+        raise MatrixError(f"Cannot read the image: {exc.__class__.__name__}", errcode="M_UNKNOWN", status=400) from None
+    if image.width * image.height > max_pixels or image.width <= 0 or image.height <= 0:
+        raise TooLarge("The image is too large to thumbnail")
+    if image.width <= width and image.height <= height:
+        return None  # never upscale: the original is the answer
+    try:
+        image.draft("RGB", (width * 2, height * 2))  # JPEG: decode at reduced size
+        image = ImageOps.exif_transpose(image)
+        if method == "crop":
+            scale = max(width / image.width, height / image.height)
+            if scale >= 1:
+                target = (min(width, image.width), min(height, image.height))
+                image = ImageOps.fit(image, target, method=Image.Resampling.LANCZOS)
+            else:
+                image = ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+        else:
+            image.thumbnail((width, height), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        if image.mode in ("RGBA", "LA", "P"):
+            image.save(out, format="PNG", optimize=True)
+            return out.getvalue(), "image/png"
+        image.convert("RGB").save(out, format="JPEG", quality=80)
+        return out.getvalue(), "image/jpeg"
+    except MatrixError:
+        raise
+    except Exception as exc:
+        raise MatrixError(f"Cannot thumbnail the image: {exc.__class__.__name__}", errcode="M_UNKNOWN", status=400) from None
