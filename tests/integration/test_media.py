@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import io
+import os
+import sqlite3
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+import httpx
 import pytest
-from PIL import Image
+import yaml
+from PIL import Image, PngImagePlugin
 
 from tests.harness import MatrixHttp, ServerProcess, free_port
 
@@ -245,3 +251,250 @@ def test_url_previews_are_off_by_default_and_never_reach_internal_addresses(make
         assert resp.status_code in (403, 502)
     finally:
         httpd.shutdown()
+
+
+# -- encryption at rest ---------------------------------------------------------------------------
+
+ENCRYPTED_MAGIC = b"\xbaM"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+THUMBNAIL_COUNT = 5  # sizes pregenerated for an image larger than all of them
+
+
+def media_root(srv: ServerProcess) -> Path:
+    """Where the server keeps media files: media.store_path, else <data_dir>/media."""
+    config = yaml.safe_load(srv.config_path.read_text())
+    store = (config.get("media") or {}).get("store_path")
+    return Path(store) if store else Path(config["data_dir"]) / "media"
+
+
+def stored_file(srv: ServerProcess, mid: str, name: str = "original") -> Path:
+    return media_root(srv) / mid[:2] / mid[2:4] / mid / name
+
+
+def stored_files(srv: ServerProcess) -> list[Path]:
+    return [p for p in media_root(srv).rglob("*") if p.is_file()]
+
+
+def find(paths: list[Path], needles: dict[str, bytes]) -> dict[str, list[str]]:
+    """Which needles occur in which files, scanning every byte of every file."""
+    found: dict[str, list[str]] = {}
+    for path in paths:
+        data = path.read_bytes()
+        for label, needle in needles.items():
+            if needle in data:
+                found.setdefault(label, []).append(str(path))
+    return found
+
+
+def database_files(srv: ServerProcess) -> list[Path]:
+    if not srv.database_url.startswith("sqlite"):
+        return []
+    db = Path(srv.database_url.removeprefix("sqlite:///"))
+    return [p for p in (db, Path(f"{db}-wal")) if p.exists()]
+
+
+def media_columns(srv: ServerProcess, mid: str) -> tuple[str | None, str | None]:
+    """(upload_name, sha256) as stored in the database."""
+    sql = "SELECT upload_name, sha256 FROM media WHERE media_id = "
+    if srv.database_url.startswith("sqlite"):
+        with sqlite3.connect(srv.database_url.removeprefix("sqlite:///")) as conn:
+            row = conn.execute(sql + "?", (mid,)).fetchone()
+    else:
+        import psycopg
+
+        with psycopg.connect(srv.database_url) as conn:
+            row = conn.execute(sql + "%s", (mid,)).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def canary_png(canary: bytes, width: int = 1200, height: int = 900) -> bytes:
+    """A real PNG with noise pixels (so the compressed data is distinctive) and the canary as text."""
+    image = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", canary.decode())
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def wait_for_thumbnails(srv: ServerProcess, mid: str, count: int = THUMBNAIL_COUNT) -> list[Path]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        thumbs = list(stored_file(srv, mid, "x").parent.glob("thumb-*"))
+        if len(thumbs) >= count:
+            return thumbs
+        time.sleep(0.1)
+    raise AssertionError(f"thumbnails of {mid} were not generated")
+
+
+def store_canaries(srv: ServerProcess) -> dict[str, bytes]:
+    """Upload a text file and a PNG carrying a canary; check they round-trip; return what to look for."""
+    user = srv.client().register()
+    canary = b"CANARY-" + uuid.uuid4().hex.encode()
+    text = canary + b"\n" + b"The board meets on Thursday about the merger.\n" * 2000 + canary
+    text_name = f"merger-minutes-{uuid.uuid4().hex[:8]}.txt"
+    image = canary_png(canary)
+    image_name = f"holiday-{uuid.uuid4().hex[:8]}.png"
+    text_id = media_id(upload(user, text, "text/plain", text_name).json()["content_uri"])
+    image_id = media_id(upload(user, image, "image/png", image_name).json()["content_uri"])
+    got = user.raw("GET", f"/_matrix/client/v1/media/download/localhost/{text_id}")
+    assert got.status_code == 200 and got.content == text
+    assert text_name in got.headers["content-disposition"]
+    got = user.raw("GET", f"/_matrix/client/v1/media/download/localhost/{image_id}")
+    assert got.status_code == 200 and got.content == image
+    assert image_name in got.headers["content-disposition"]
+    wait_for_thumbnails(srv, image_id)
+    thumbs = []
+    for width, height, method in [(32, 32, "crop"), (320, 240, "scale"), (1000, 800, "scale")]:
+        resp = user.raw("GET", f"/_matrix/client/v1/media/thumbnail/localhost/{image_id}",
+                        params={"width": width, "height": height, "method": method})
+        assert resp.status_code == 200, resp.text
+        assert Image.open(io.BytesIO(resp.content)).width <= 1200
+        thumbs.append(resp.content)
+    # 1000x800 is larger than every pregenerated size: it was made (and stored) on demand
+    assert len(list(stored_file(srv, image_id, "x").parent.glob("thumb-*"))) == THUMBNAIL_COUNT + 1
+    needles = {
+        "canary": canary,
+        "text file name": text_name.encode(),
+        "image file name": image_name.encode(),
+        "text contents": b"The board meets on Thursday",
+        "image data": image[len(image) // 2:len(image) // 2 + 64],
+        "png signature": PNG_MAGIC,
+    }
+    for n, thumb in enumerate(thumbs):
+        needles[f"thumbnail {n}"] = thumb[len(thumb) // 2:len(thumb) // 2 + 32]
+    needles["thumbnail data"] = thumbs[1][len(thumbs[1]) // 2:len(thumbs[1]) // 2 + 32]
+    needles["text id"] = text_id.encode()
+    needles["image id"] = image_id.encode()
+    return needles
+
+
+def test_media_files_thumbnails_and_names_are_encrypted_at_rest(make_server) -> None:
+    srv: ServerProcess = make_server()
+    needles = store_canaries(srv)
+    text_id, image_id = needles.pop("text id").decode(), needles.pop("image id").decode()
+    files = stored_files(srv)
+    assert len(files) == 2 + THUMBNAIL_COUNT + 1
+    assert all(p.read_bytes()[:2] == ENCRYPTED_MAGIC for p in files), files
+    assert find(files, needles) == {}
+    # the database keeps no file name and no plaintext digest
+    for mid, label in ((text_id, "text file name"), (image_id, "image file name")):
+        name, digest = media_columns(srv, mid)
+        assert name is not None and name.startswith("enc:1:") and needles[label].decode() not in name
+        assert digest is not None and digest.startswith("hmac-sha256:")
+    names = {k: v for k, v in needles.items() if k.endswith("file name")}
+    assert find(database_files(srv), names) == {}  # SQLite only: a PostgreSQL server has no file to scan
+
+
+def test_media_stored_in_plaintext_with_encryption_disabled(make_server) -> None:
+    """The positive control: the same scan does find the canaries when nothing is encrypted."""
+    srv: ServerProcess = make_server(encryption={"enabled": False})
+    needles = store_canaries(srv)
+    text_id = needles.pop("text id").decode()
+    needles.pop("image id")
+    files = stored_files(srv)
+    found = find(files, needles)
+    for label in ("canary", "text contents", "image data", "png signature", "thumbnail 0", "thumbnail 1", "thumbnail 2"):
+        assert label in found, label
+    name, digest = media_columns(srv, text_id)
+    assert name == needles["text file name"].decode()
+    assert digest is not None and len(digest) == 64  # a bare SHA-256
+    if database_files(srv):
+        assert "text file name" in find(database_files(srv), {"text file name": needles["text file name"]})
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def assert_integrity_error(resp: httpx.Response) -> None:
+    assert resp.status_code == 500, (resp.status_code, resp.content[:200])
+    assert resp.json()["errcode"] == "M_UNKNOWN"
+    assert "integrity" in resp.json()["error"]
+
+
+def test_tampered_media_gives_a_clear_error_and_the_server_keeps_serving(make_server) -> None:
+    srv: ServerProcess = make_server()
+    user = srv.client().register()
+    small = b"a small file " * 1000
+    big = os.urandom(3 * 1024 * 1024 + 123)
+    small_id = media_id(upload(user, small).json()["content_uri"])
+    big_id = media_id(upload(user, big).json()["content_uri"])
+    plain_id = media_id(upload(user, b"will be swapped for plaintext").json()["content_uri"])
+    image_id = media_id(upload(user, png(1200, 900)).json()["content_uri"])
+    bystander = media_id(upload(user, b"an innocent bystander").json()["content_uri"])
+    wait_for_thumbnails(srv, image_id)
+    url = "/_matrix/client/v1/media/download/localhost/"
+
+    # a flipped byte in a small file: nothing is sent but a clear error
+    flip(stored_file(srv, small_id), 5000)
+    assert_integrity_error(user.raw("GET", url + small_id))
+
+    # a flipped byte late in a large file: the first 256 KiB batches are already on their way,
+    # so the transfer is aborted — the client never receives a complete-looking file
+    bad_offset = 28 + 40 * (64 * 1024 + 16) + 500  # in chunk 40 of 49 (header 28 bytes, chunks 64 KiB + tag)
+    flip(stored_file(srv, big_id), bad_offset)
+    received = bytearray()
+    auth = {"Authorization": f"Bearer {user.token}"}
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)), user._http.stream("GET", url + big_id, headers=auth) as resp:
+        assert resp.status_code == 200
+        assert int(resp.headers["content-length"]) == len(big)
+        for piece in resp.iter_raw():
+            received += piece
+    assert len(received) <= 40 * 64 * 1024 and bytes(received) == big[:len(received)]  # nothing from the bad chunk on
+
+    # a file replaced by plaintext (its header gone) is not served as it is
+    stored_file(srv, plain_id).write_bytes(b"will be swapped for plaintext")
+    assert_integrity_error(user.raw("GET", url + plain_id))
+
+    # a tampered thumbnail, and a tampered original when a new thumbnail is made from it
+    flip(stored_file(srv, image_id, "thumb-32x32-crop"), 40)
+    thumb = "/_matrix/client/v1/media/thumbnail/localhost/" + image_id
+    assert_integrity_error(user.raw("GET", thumb, params={"width": 32, "height": 32, "method": "crop"}))
+    assert user.raw("GET", thumb, params={"width": 320, "height": 240}).status_code == 200
+    flip(stored_file(srv, image_id), 30)  # in the first chunk's ciphertext
+    assert_integrity_error(user.raw("GET", thumb, params={"width": 1000, "height": 800}))
+    assert_integrity_error(user.raw("GET", url + image_id))
+
+    # the server carries on: other media, new uploads, the health check
+    assert srv.process is not None and srv.process.poll() is None
+    got = user.raw("GET", url + bystander)
+    assert got.status_code == 200 and got.content == b"an innocent bystander"
+    fresh = media_id(upload(user, b"after the storm").json()["content_uri"])
+    assert user.raw("GET", url + fresh).content == b"after the storm"
+    assert httpx.get(srv.base_url + "/health").status_code == 200
+    log = srv.log()
+    assert f"media file {small_id} failed its integrity check" in log
+    assert f"media file {big_id} failed its integrity check part-way through" in log
+
+
+def test_files_from_before_encryption_are_still_served(make_server) -> None:
+    srv: ServerProcess = make_server(encryption={"enabled": False})
+    user = srv.client().register()
+    old = b"written while encryption was off"
+    old_id = media_id(upload(user, old, "text/plain", "old.txt").json()["content_uri"])
+    image = png(1200, 900)
+    image_id = media_id(upload(user, image).json()["content_uri"])
+    wait_for_thumbnails(srv, image_id)
+    srv.stop()
+    config = yaml.safe_load(srv.config_path.read_text())
+    config["encryption"]["enabled"] = True
+    srv.config_path.write_text(yaml.safe_dump(config))
+    srv.start()
+    url = "/_matrix/client/v1/media/download/localhost/"
+    got = user.raw("GET", url + old_id)
+    assert got.status_code == 200 and got.content == old and "old.txt" in got.headers["content-disposition"]
+    assert user.raw("GET", url + image_id).content == image
+    thumb = "/_matrix/client/v1/media/thumbnail/localhost/" + image_id
+    assert user.raw("GET", thumb, params={"width": 320, "height": 240}).status_code == 200  # an old plaintext thumbnail
+    made = user.raw("GET", thumb, params={"width": 1000, "height": 800})  # a new one, from the plaintext original
+    assert made.status_code == 200 and Image.open(io.BytesIO(made.content)).width <= 1200
+    assert stored_file(srv, image_id, "thumb-1000x800-scale").read_bytes()[:2] == ENCRYPTED_MAGIC
+    assert stored_file(srv, old_id).read_bytes() == old
+    new_id = media_id(upload(user, b"written with encryption on").json()["content_uri"])
+    assert stored_file(srv, new_id).read_bytes()[:2] == ENCRYPTED_MAGIC
+    assert user.raw("GET", url + new_id).content == b"written with encryption on"

@@ -569,7 +569,12 @@ def _found(haystack: bytes, needle: str) -> bool:
     return needle.encode() in haystack or needle.encode().hex().encode() in haystack
 
 
-def test_database_holds_no_plaintext_of_encrypted_messages(server: ServerProcess, tmp_path: Path) -> None:
+def test_database_holds_no_plaintext_of_encrypted_messages(make_server: Any, tmp_path: Path) -> None:
+    """End-to-end encryption alone keeps messages out of the database: the server runs
+    with encryption at rest switched *off*, so the positive control below (a plain room)
+    is visible to the scan and only E2EE protects the secrets. (With encryption at rest
+    on, nothing is visible at all: tests/integration/test_encryption_at_rest.py.)"""
+    server: ServerProcess = make_server(encryption={"enabled": False})
     secrets: list[str] = []
     controls: list[str] = []
 

@@ -10,6 +10,8 @@ stays a room member.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from bastion.clock import now_ms
 from bastion.errors import MatrixError
@@ -38,6 +40,8 @@ class DeactivationService:
         self._auth = auth
         self._rooms = rooms
         self._memberships = memberships
+        # Run after an erasing deactivation: crypto-shred the user's data, delete their media.
+        self.erase_hooks: list[Callable[[str], Awaitable[Any]]] = []
 
     async def deactivate(self, user_id: str, erase: bool = False) -> None:
         revoked = await self._db.write(record_deactivation, user_id, now_ms())
@@ -48,6 +52,9 @@ class DeactivationService:
         self._auth.forget_user(user_id)
         await self._auth.devices_removed(user_id, [])
         await self.finish(user_id)
+        if erase:
+            for hook in self.erase_hooks:
+                await hook(user_id)
 
     async def finish(self, user_id: str) -> None:
         """Leave every room (idempotent), then clear the pending job."""

@@ -14,30 +14,42 @@ Safety rules, in the order a request meets them:
   ``X-Content-Type-Options: nosniff`` and ``Cross-Origin-Resource-Policy``;
 * images are decoded by Pillow only below ``media.max_image_pixels`` (decompression
   bombs are refused with 413 before any pixel is decoded), on a bounded thread pool.
+
+Encryption at rest: with a keyring, originals and thumbnails are stored in the
+streamed chunked AEAD format of :mod:`bastion.security.stream` under the *uploader's*
+user DEK, bound to their names (``media|<id>`` and ``media|<id>|thumb|<w>x<h>|<method>``),
+so erasing the user (destroying their keys) shreds their media too. Files written
+before encryption was enabled are served as they are. A file that fails
+authentication is never served: before the response starts that is a 500
+``M_UNKNOWN``; part-way through a large download the transfer is aborted (the client
+sees a connection closed short of ``Content-Length``, never a complete-looking file).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import re
 import secrets
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 from bastion.clock import now_ms
+from bastion.cluster.ratelimit import RateLimiter
 from bastion.errors import Forbidden, LimitExceeded, MatrixError, NotFound, TooLarge
+from bastion.security import stream as media_crypto
+from bastion.security.crypto import AesGcm, IntegrityError, Sm4Gcm
 from bastion.services.media_store import LocalMediaStore
 from bastion.services.requester import Requester
 from bastion.storage import media as media_store
 from bastion.storage.database import Database
-from bastion.storage.media import MediaRow
+from bastion.storage.media import MAC_PREFIX, MediaRow
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +79,33 @@ class CannotOverwrite(MatrixError):
 class NotYetUploaded(MatrixError):
     status = 504
     errcode = "M_NOT_YET_UPLOADED"
+
+
+class MediaUnreadable(MatrixError):
+    """The stored file failed authentication (tampered, truncated, moved, or its key destroyed).
+
+    500, not 502: the file is this server's own storage, not an upstream's answer.
+    """
+
+    status = 500
+    errcode = "M_UNKNOWN"
+
+    def __init__(self) -> None:
+        super().__init__("The stored media failed its integrity check and cannot be served")
+
+
+def _original(media_id: str) -> tuple[str, bytes]:
+    """(store key, encryption binding) of an original."""
+    return media_id, f"media|{media_id}".encode()
+
+
+def _thumbnail(media_id: str, width: int, height: int, method: str) -> tuple[str, bytes]:
+    """(store key, encryption binding) of a thumbnail."""
+    return f"{media_id}/thumb-{width}x{height}-{method}", f"media|{media_id}|thumb|{width}x{height}|{method}".encode()
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def sniff_content_type(head: bytes, declared: str | None) -> str:
@@ -116,7 +155,7 @@ class MediaService:
         self.store = store
         self.server_name = server_name
         self.config = config
-        self._recent_uploads: dict[str, deque[float]] = {}
+        self.limiter = RateLimiter()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="thumbnail")
         self._waiters: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -134,15 +173,11 @@ class MediaService:
         if server_name != self.server_name:
             raise NotFound("This server does not federate; only its own media can be fetched")
 
-    def _rate(self, user_id: str) -> None:
-        now = time.monotonic()
-        window = self._recent_uploads.setdefault(user_id, deque())
-        while window and now - window[0] > 60:
-            window.popleft()
-        if len(window) >= self.config.uploads_per_minute:
-            retry = int((60 - (now - window[0])) * 1000) + 1
+    async def _rate(self, user_id: str) -> None:
+        """Every upload attempt counts (refused ones too), across all workers."""
+        retry = await self.limiter.attempt(f"media:{user_id}", self.config.uploads_per_minute)
+        if retry is not None:
             raise LimitExceeded("Too many uploads; try again later", retry_after_ms=retry)
-        window.append(now)
 
     async def _check_quota(self, user_id: str, extra: int) -> None:
         used = await self._db.read(media_store.user_usage, user_id)
@@ -166,7 +201,7 @@ class MediaService:
         user = requester.user_id
         if filename is not None and (len(filename) > 255 or "\x00" in filename or "/" in filename):
             raise MatrixError("Invalid filename", errcode="M_INVALID_PARAM", status=400)
-        self._rate(user)
+        await self._rate(user)
         await self._check_quota(user, declared_length or 0)
         media_id = media_id or secrets.token_urlsafe(18)
         sniffed: dict[str, str] = {}
@@ -187,7 +222,23 @@ class MediaService:
                 if head:
                     yield head
 
-        size, digest = await self.store.write(media_id, sniffing())
+        dek = await self._data_key(user)
+        if dek is None:
+            size, digest = await self.store.write(media_id, sniffing())
+        else:
+            # Size and digest are of the plaintext; the digest is an HMAC keyed from the DEK.
+            dek_id, aead = dek
+            mac = media_crypto.content_mac(aead)
+            counted = 0
+
+            def tap(part: memoryview) -> None:
+                nonlocal counted
+                mac.update(part)
+                counted += len(part)
+
+            key, binding = _original(media_id)
+            await self.store.write(key, media_crypto.encrypt_stream(sniffing(), aead, dek_id, binding, tap=tap), digest=False)
+            size, digest = counted, f"{MAC_PREFIX}{dek_id}:{mac.hexdigest()}"
         content_type = sniffed.get("type", "application/octet-stream")
         try:
             await self._check_quota(user, size)
@@ -199,7 +250,7 @@ class MediaService:
         if waiter is not None:
             waiter.set()
         if content_type in THUMBNAILABLE:
-            task = asyncio.create_task(self._pregenerate(media_id, content_type))
+            task = asyncio.create_task(self._pregenerate(media_id, user, dek is not None, content_type))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return f"mxc://{self.server_name}/{media_id}"
@@ -236,11 +287,16 @@ class MediaService:
         if row is not None and not row.uploaded and not row.quarantined:
             wait = min(max(timeout_ms if timeout_ms is not None else 20_000, 0), 120_000) / 1000
             event = self._waiters.setdefault(media_id, asyncio.Event())
-            try:
-                await asyncio.wait_for(event.wait(), wait)
-            except TimeoutError:
-                raise NotYetUploaded("The media has not been uploaded yet") from None
-            row = await self._db.read(media_store.get, media_id)
+            deadline = time.monotonic() + wait
+            while True:
+                # Woken by an upload on this worker, or noticed by polling (an upload on another).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), max(0.0, min(0.5, deadline - time.monotonic())))
+                row = await self._db.read(media_store.get, media_id)
+                if row is None or row.uploaded or row.quarantined:
+                    break
+                if time.monotonic() >= deadline:
+                    raise NotYetUploaded("The media has not been uploaded yet")
         if row is None or row.quarantined or not row.uploaded:
             raise NotFound("Media not found")
         return row
@@ -255,7 +311,53 @@ class MediaService:
             (b"cross-origin-resource-policy", b"cross-origin"),
             (b"cache-control", b"private, max-age=86400"),
         ]
-        return self.store.read(media_id), headers, row.size or 0
+        key, binding = _original(media_id)
+        return await self._open(key, binding, row.encrypted), headers, row.size or 0
+
+    # -- encryption at rest ---------------------------------------------------------------------
+
+    async def _data_key(self, user_id: str, always: bool = False) -> tuple[int, AesGcm | Sm4Gcm] | None:
+        crypto = self._db.crypto
+        if crypto is None or not (crypto.enabled or always):
+            return None
+        return await self._db.write(media_store.user_data_key, user_id, always)
+
+    async def _key_by_id(self, dek_id: int) -> AesGcm | Sm4Gcm:
+        return await self._db.read(media_store.key_by_id, dek_id)
+
+    def _plaintext(self, key: str, binding: bytes, encrypted: bool) -> AsyncGenerator[bytes, None]:
+        return media_crypto.open_stream(self.store.read(key), binding, self._key_by_id, required=encrypted)
+
+    async def _open(self, key: str, binding: bytes, encrypted: bool) -> AsyncIterator[bytes]:
+        """The stored file's plaintext, its first batch already authenticated.
+
+        A file that fails authentication before anything was sent is a clean 500; one
+        that fails later (after the first 256 KiB) aborts the transfer.
+        """
+        plain = self._plaintext(key, binding, encrypted)
+        try:
+            first = await anext(plain, None)
+        except IntegrityError as exc:
+            await plain.aclose()
+            log.error("media file %s failed its integrity check and was not served: %s", key, exc)
+            raise MediaUnreadable() from None
+        except BaseException:
+            await plain.aclose()
+            raise
+
+        async def rest() -> AsyncIterator[bytes]:
+            try:
+                if first is not None:
+                    yield first
+                async for piece in plain:
+                    yield piece
+            except IntegrityError as exc:
+                log.error("media file %s failed its integrity check part-way through; aborting the transfer: %s", key, exc)
+                raise
+            finally:
+                await plain.aclose()
+
+        return rest()
 
     # -- thumbnails --------------------------------------------------------------------------------
 
@@ -276,7 +378,7 @@ class MediaService:
         if fits:
             w, h, m, thumb_type, size = fits[0]
         else:
-            made = await self._generate(media_id, content_type, width, height, method)
+            made = await self._generate(media_id, row.user_id, row.encrypted, content_type, width, height, method)
             if made is None:
                 return await self.download(server_name, media_id, None, timeout_ms)  # smaller than asked: original
             w, h, m, thumb_type, size = made
@@ -287,12 +389,13 @@ class MediaService:
             (b"cross-origin-resource-policy", b"cross-origin"),
             (b"cache-control", b"private, max-age=86400"),
         ]
-        return self.store.read(f"{media_id}/thumb-{w}x{h}-{m}"), headers, size
+        key, binding = _thumbnail(media_id, w, h, m)
+        return await self._open(key, binding, row.encrypted), headers, size
 
-    async def _pregenerate(self, media_id: str, content_type: str) -> None:
+    async def _pregenerate(self, media_id: str, user_id: str, encrypted: bool, content_type: str) -> None:
         for width, height, method in THUMBNAIL_SIZES:
             try:
-                await self._generate(media_id, content_type, width, height, method)
+                await self._generate(media_id, user_id, encrypted, content_type, width, height, method)
             except MatrixError as exc:
                 log.info("no thumbnail for %s: %s", media_id, exc.message)
                 return
@@ -300,8 +403,15 @@ class MediaService:
                 log.exception("thumbnailing %s failed", media_id)
                 return
 
-    async def _generate(self, media_id: str, content_type: str, width: int, height: int, method: str) -> tuple[int, int, str, str, int] | None:
-        data = await self.store.read_bytes(media_id, self.config.max_upload_bytes)
+    async def _generate(
+        self, media_id: str, user_id: str, encrypted: bool, content_type: str, width: int, height: int, method: str
+    ) -> tuple[int, int, str, str, int] | None:
+        key, binding = _original(media_id)
+        try:
+            data = await media_crypto.read_all(self._plaintext(key, binding, encrypted), self.config.max_upload_bytes)
+        except IntegrityError as exc:
+            log.error("media file %s failed its integrity check; no thumbnail made: %s", key, exc)
+            raise MediaUnreadable() from None
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
             self._pool, _make_thumbnail, data, width, height, method, self.config.max_image_pixels
@@ -309,7 +419,13 @@ class MediaService:
         if result is None:
             return None
         thumb, thumb_type = result
-        await self.store.write_bytes(f"{media_id}/thumb-{width}x{height}-{method}", thumb)
+        key, binding = _thumbnail(media_id, width, height, method)
+        # A thumbnail of an encrypted original is always encrypted (under the uploader's key).
+        dek = await self._data_key(user_id, always=encrypted)
+        if dek is None:
+            await self.store.write_bytes(key, thumb)
+        else:
+            await self.store.write(key, media_crypto.encrypt_stream(_one(thumb), dek[1], dek[0], binding), digest=False)
         await self._db.write(media_store.add_thumbnail, media_id, width, height, method, thumb_type, len(thumb))
         return width, height, method, thumb_type, len(thumb)
 

@@ -27,8 +27,8 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+(?:/[A-Za-z0-9_.-]+)?$")
 
 
 class MediaStore(Protocol):
-    async def write(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
-        """Store the stream; returns (size, sha256 hex). Nothing is stored on error."""
+    async def write(self, key: str, chunks: AsyncIterator[bytes], *, digest: bool = True) -> tuple[int, str]:
+        """Store the stream; returns (size, sha256 hex, or "" without ``digest``). Nothing is stored on error."""
 
     def read(self, key: str) -> AsyncIterator[bytes]:
         """The stored bytes, chunk by chunk."""
@@ -51,22 +51,27 @@ class LocalMediaStore:
         base = self.root / media_id[:2] / media_id[2:4] / media_id
         return base / derived if derived else base / "original"
 
-    async def write(self, key: str, chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+    async def write(self, key: str, chunks: AsyncIterator[bytes], *, digest: bool = True) -> tuple[int, str]:
         target = self._path(key)
         tmp = self.root / "tmp" / f"{secrets.token_hex(8)}.part"
-        digest = hashlib.sha256()
+        hasher = hashlib.sha256() if digest else None
         size = 0
         handle = await asyncio.to_thread(open, tmp, "wb")
+
+        def put(chunk: bytes) -> None:  # on the worker thread: hashing releases the GIL
+            if hasher is not None:
+                hasher.update(chunk)
+            handle.write(chunk)
+
         try:
             async for chunk in chunks:
-                digest.update(chunk)
                 size += len(chunk)
-                await asyncio.to_thread(handle.write, chunk)
+                await asyncio.to_thread(put, chunk)
             await asyncio.to_thread(_finish, handle, tmp, target)
         except BaseException:
             await asyncio.to_thread(_discard, handle, tmp)
             raise
-        return size, digest.hexdigest()
+        return size, hasher.hexdigest() if hasher is not None else ""
 
     async def write_bytes(self, key: str, data: bytes) -> None:
         async def one() -> AsyncIterator[bytes]:

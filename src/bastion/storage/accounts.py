@@ -7,10 +7,12 @@ runs inside the caller's transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
 from bastion.storage.database import Txn
+from bastion.storage.sealed import seal, seal_text, unseal, unseal_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,7 @@ def insert_user(txn: Txn, user_id: str, password_hash: str | None, is_admin: boo
         return False
     txn.execute(
         "INSERT INTO profiles (user_id, displayname, avatar_url) VALUES (?, ?, NULL)",
-        (user_id, displayname),
+        (user_id, seal_text(txn, "user", user_id, f"profile|{user_id}|displayname", displayname)),
     )
     return True
 
@@ -93,28 +95,35 @@ def count_users(txn: Txn) -> int:
 
 def get_profile(txn: Txn, user_id: str) -> tuple[str | None, str | None] | None:
     row = txn.fetchone("SELECT displayname, avatar_url FROM profiles WHERE user_id = ?", (user_id,))
-    return (row[0], row[1]) if row is not None else None
+    if row is None:
+        return None
+    return (
+        unseal_text(txn, f"profile|{user_id}|displayname", row[0]),
+        unseal_text(txn, f"profile|{user_id}|avatar_url", row[1]),
+    )
 
 
 def set_profile_field(txn: Txn, user_id: str, field: str, value: str | None) -> None:
     assert field in ("displayname", "avatar_url")
+    sealed = seal_text(txn, "user", user_id, f"profile|{user_id}|{field}", value)
     txn.execute(
         f"INSERT INTO profiles (user_id, {field}) VALUES (?, ?) "
         f"ON CONFLICT (user_id) DO UPDATE SET {field} = excluded.{field}",
-        (user_id, value),
+        (user_id, sealed),
     )
 
 
 def get_profile_fields(txn: Txn, user_id: str) -> dict[str, bytes]:
     rows = txn.fetchall("SELECT field, value FROM profile_fields WHERE user_id = ?", (user_id,))
-    return {r[0]: bytes(r[1]) for r in rows}
+    return {r[0]: unseal(txn, f"profile|{user_id}|{r[0]}", r[1]) for r in rows}
 
 
 def set_profile_custom_field(txn: Txn, user_id: str, field: str, value: bytes) -> None:
+    sealed = seal(txn, "user", user_id, f"profile|{user_id}|{field}", value)
     txn.execute(
         "INSERT INTO profile_fields (user_id, field, value) VALUES (?, ?, ?) "
         "ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
-        (user_id, field, value),
+        (user_id, field, sealed),
     )
 
 
@@ -125,12 +134,28 @@ def delete_profile_custom_field(txn: Txn, user_id: str, field: str) -> None:
 # -- devices and tokens --------------------------------------------------------------
 
 
+def _device_binding(user_id: str, device_id: str, field: str) -> str:
+    return f"device|{user_id}|{device_id}|{field}"
+
+
 def upsert_device(txn: Txn, user_id: str, device_id: str, display_name: str | None, now_ms: int) -> None:
+    sealed = seal_text(txn, "user", user_id, _device_binding(user_id, device_id, "name"), display_name)
     txn.execute(
         "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (user_id, device_id) DO UPDATE SET display_name = "
         "COALESCE(excluded.display_name, devices.display_name)",
-        (user_id, device_id, display_name, now_ms),
+        (user_id, device_id, sealed, now_ms),
+    )
+
+
+def _device_row(txn: Txn, row: tuple[Any, ...]) -> DeviceRow:
+    user_id, device_id = row[0], row[1]
+    return DeviceRow(
+        user_id,
+        device_id,
+        unseal_text(txn, _device_binding(user_id, device_id, "name"), row[2]),
+        row[3],
+        unseal_text(txn, _device_binding(user_id, device_id, "ip"), row[4]),
     )
 
 
@@ -140,7 +165,7 @@ def get_device(txn: Txn, user_id: str, device_id: str) -> DeviceRow | None:
         "WHERE user_id = ? AND device_id = ?",
         (user_id, device_id),
     )
-    return DeviceRow(*row) if row is not None else None
+    return _device_row(txn, row) if row is not None else None
 
 
 def list_devices(txn: Txn, user_id: str) -> list[DeviceRow]:
@@ -149,12 +174,18 @@ def list_devices(txn: Txn, user_id: str) -> list[DeviceRow]:
         "WHERE user_id = ? ORDER BY device_id",
         (user_id,),
     )
-    return [DeviceRow(*r) for r in rows]
+    return [_device_row(txn, r) for r in rows]
+
+
+def device_display_names(txn: Txn, user_id: str) -> dict[str, str | None]:
+    rows = txn.fetchall("SELECT device_id, display_name FROM devices WHERE user_id = ?", (user_id,))
+    return {r[0]: unseal_text(txn, _device_binding(user_id, r[0], "name"), r[1]) for r in rows}
 
 
 def set_device_display_name(txn: Txn, user_id: str, device_id: str, name: str | None) -> None:
+    sealed = seal_text(txn, "user", user_id, _device_binding(user_id, device_id, "name"), name)
     txn.execute(
-        "UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?", (name, user_id, device_id)
+        "UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?", (sealed, user_id, device_id)
     )
 
 
@@ -215,11 +246,21 @@ def delete_all_devices(txn: Txn, user_id: str, except_device: str | None = None)
 
 
 def touch_devices(txn: Txn, rows: list[tuple[int, str | None, str | None, str, str]]) -> None:
-    """Batch update of last-seen data: (ts, ip, user_agent, user_id, device_id)."""
+    """Batch update of last-seen data: (ts, ip, user_agent, user_id, device_id). IPs are personal data: sealed."""
+    sealed = [
+        (
+            ts,
+            seal_text(txn, "user", user, _device_binding(user, device, "ip"), ip),
+            seal_text(txn, "user", user, _device_binding(user, device, "ua"), ua),
+            user,
+            device,
+        )
+        for ts, ip, ua, user, device in rows
+    ]
     txn.executemany(
         "UPDATE devices SET last_seen_ts = ?, last_seen_ip = ?, last_seen_user_agent = ? "
         "WHERE user_id = ? AND device_id = ?",
-        rows,
+        sealed,
     )
 
 
@@ -359,3 +400,22 @@ def is_pending_deactivation(txn: Txn, user_id: str) -> bool:
 
 def remove_pending_deactivation(txn: Txn, user_id: str) -> None:
     txn.execute("DELETE FROM pending_deactivations WHERE user_id = ?", (user_id,))
+
+
+# -- shared-secret registration nonces --------------------------------------------------------
+
+
+def add_registration_nonce(txn: Txn, nonce: str, now_ms: int, lifetime_ms: int) -> bool:
+    """Record a nonce; False if too many are outstanding."""
+    txn.execute("DELETE FROM registration_nonces WHERE created_ts < ?", (now_ms - lifetime_ms,))
+    if int(txn.fetchval("SELECT COUNT(*) FROM registration_nonces")) >= 10_000:
+        return False
+    txn.execute("INSERT INTO registration_nonces (nonce, created_ts) VALUES (?, ?)", (nonce, now_ms))
+    return True
+
+
+def use_registration_nonce(txn: Txn, nonce: str, issued_after_ms: int) -> bool:
+    """Consume a nonce (each works once); False if unknown or expired."""
+    return txn.execute(
+        "DELETE FROM registration_nonces WHERE nonce = ? AND created_ts >= ?", (nonce, issued_after_ms)
+    ) == 1

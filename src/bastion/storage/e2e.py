@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from bastion.storage.database import Txn
+from bastion.storage.sealed import seal, unseal
 
 # -- device keys -------------------------------------------------------------------------------
 
@@ -31,17 +32,20 @@ def set_device_keys(txn: Txn, user_id: str, device_id: str, keys: dict[str, Any]
 
 def query_device_keys(txn: Txn, user_id: str, device_ids: Sequence[str] | None) -> dict[str, tuple[dict[str, Any], str | None]]:
     """device_id -> (keys, device display name) for devices that still exist."""
+    from bastion.storage.accounts import device_display_names
+
     params: list[Any] = [user_id]
     clause = ""
     if device_ids:
         clause = f" AND k.device_id IN ({txn.in_list(device_ids)})"
         params += list(device_ids)
     rows = txn.fetchall(
-        "SELECT k.device_id, k.keys, d.display_name FROM e2e_device_keys k JOIN devices d "
+        "SELECT k.device_id, k.keys FROM e2e_device_keys k JOIN devices d "
         "ON d.user_id = k.user_id AND d.device_id = k.device_id WHERE k.user_id = ?" + clause,
         params,
     )
-    return {r[0]: (orjson.loads(r[1]), r[2]) for r in rows}
+    names = device_display_names(txn, user_id) if rows else {}
+    return {r[0]: (orjson.loads(r[1]), names.get(r[0])) for r in rows}
 
 
 def delete_device_e2e(txn: Txn, user_id: str, device_id: str) -> None:
@@ -197,8 +201,13 @@ def to_device_txn_seen(txn: Txn, user_id: str, device_id: str, txn_id: str, now:
     return inserted != 1
 
 
+def _to_device_binding(user_id: str, device_id: str, stream_id: int) -> str:
+    return f"to_device|{user_id}|{device_id}|{stream_id}"
+
+
 def add_to_device(txn: Txn, rows: Sequence[tuple[int, str, str, bytes]]) -> None:
-    txn.executemany("INSERT INTO to_device_inbox (stream_id, user_id, device_id, message) VALUES (?, ?, ?, ?)", rows)
+    sealed = [(s, u, d, seal(txn, "user", u, _to_device_binding(u, d, s), m)) for s, u, d, m in rows]
+    txn.executemany("INSERT INTO to_device_inbox (stream_id, user_id, device_id, message) VALUES (?, ?, ?, ?)", sealed)
 
 
 def to_device_for(txn: Txn, user_id: str, device_id: str, upto: int, limit: int) -> list[tuple[int, bytes]]:
@@ -207,7 +216,7 @@ def to_device_for(txn: Txn, user_id: str, device_id: str, upto: int, limit: int)
         "ORDER BY stream_id LIMIT ?",
         (user_id, device_id, upto, limit),
     )
-    return [(int(r[0]), bytes(r[1])) for r in rows]
+    return [(int(r[0]), unseal(txn, _to_device_binding(user_id, device_id, int(r[0])), r[1])) for r in rows]
 
 
 def delete_to_device_upto(txn: Txn, user_id: str, device_id: str, upto: int) -> None:

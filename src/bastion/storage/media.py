@@ -1,11 +1,24 @@
-"""Media metadata: who uploaded what, its type, size and state."""
+"""Media metadata: who uploaded what, its type, size and state.
+
+With encryption at rest, ``upload_name`` is sealed under the uploader's user DEK
+(binding ``media|<media id>|upload_name``), and the ``sha256`` column holds
+``hmac-sha256:<DEK id>:<hex>`` — an HMAC of the plaintext keyed from that DEK, which
+also records that the file was written encrypted — instead of a bare SHA-256, which
+would let anyone with the database confirm a guess of a file's contents. Rows
+written before encryption was enabled keep a plain hex SHA-256 and plaintext files.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from bastion.security.crypto import AesGcm, IntegrityError, Sm4Gcm
 from bastion.storage.database import Txn
+from bastion.storage.keys import SealedColumn, register_column
+from bastion.storage.sealed import seal_text, unseal_text
+
+MAC_PREFIX = "hmac-sha256:"
 
 _COLUMNS = "media_id, user_id, content_type, upload_name, size, sha256, created_ts, uploaded_ts, expires_ts, quarantined"
 
@@ -27,9 +40,47 @@ class MediaRow:
     def uploaded(self) -> bool:
         return self.uploaded_ts is not None
 
+    @property
+    def encrypted(self) -> bool:
+        """The file (and so every thumbnail of it) was written encrypted: a plaintext one is tampering."""
+        return self.sha256 is not None and self.sha256.startswith(MAC_PREFIX)
 
-def _row(r: tuple[Any, ...]) -> MediaRow:
-    return MediaRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]))
+
+def upload_name_binding(media_id: str) -> str:
+    return f"media|{media_id}|upload_name"
+
+
+register_column(
+    SealedColumn("media", ("media_id",), "upload_name", "user", "user_id", True, lambda k: upload_name_binding(k[0]))
+)
+
+
+def _row(txn: Txn, r: tuple[Any, ...]) -> MediaRow:
+    name = unseal_text(txn, upload_name_binding(r[0]), r[3])
+    return MediaRow(r[0], r[1], r[2], name, r[4], r[5], r[6], r[7], r[8], bool(r[9]))
+
+
+# -- data keys for the files (used outside the transaction, by the streamed format) ---------------
+
+
+def user_data_key(txn: Txn, user_id: str, always: bool = False) -> tuple[int, AesGcm | Sm4Gcm] | None:
+    """The uploader's active DEK (created if missing), or None with encryption at rest off.
+
+    ``always``: whenever a keyring exists, even one not encrypting new data (for files
+    derived from an encrypted one, which must never be stored in plaintext).
+    """
+    crypto = txn.crypto
+    if crypto is None or not (crypto.enabled or always):
+        return None
+    dek_id, aead = crypto.data_key(txn, "user", user_id)
+    return int(dek_id), aead
+
+
+def key_by_id(txn: Txn, dek_id: int) -> AesGcm | Sm4Gcm:
+    if txn.crypto is None:
+        raise IntegrityError("encrypted media found but encryption at rest is not configured")
+    aead: AesGcm | Sm4Gcm = txn.crypto.key_by_id(txn, dek_id)
+    return aead
 
 
 def create_pending(txn: Txn, media_id: str, user_id: str, now: int, expires: int) -> None:
@@ -48,18 +99,20 @@ def count_pending(txn: Txn, user_id: str, now: int) -> int:
 def store_upload(
     txn: Txn, media_id: str, user_id: str, content_type: str, upload_name: str | None, size: int, sha256: str, now: int
 ) -> None:
+    """``sha256``: the plaintext's hex SHA-256, or ``hmac-sha256:...`` for an encrypted file."""
+    sealed_name = seal_text(txn, "user", user_id, upload_name_binding(media_id), upload_name)
     txn.execute(
         "INSERT INTO media (media_id, user_id, content_type, upload_name, size, sha256, created_ts, uploaded_ts) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (media_id) DO UPDATE SET content_type = excluded.content_type, "
         "upload_name = excluded.upload_name, size = excluded.size, sha256 = excluded.sha256, "
         "uploaded_ts = excluded.uploaded_ts, expires_ts = NULL",
-        (media_id, user_id, content_type, upload_name, size, sha256, now, now),
+        (media_id, user_id, content_type, sealed_name, size, sha256, now, now),
     )
 
 
 def get(txn: Txn, media_id: str) -> MediaRow | None:
     row = txn.fetchone(f"SELECT {_COLUMNS} FROM media WHERE media_id = ?", (media_id,))
-    return _row(row) if row is not None else None
+    return _row(txn, row) if row is not None else None
 
 
 def user_usage(txn: Txn, user_id: str) -> int:

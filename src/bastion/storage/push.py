@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 
 from bastion.storage.database import Txn
+from bastion.storage.sealed import seal, unseal
 
 
 def user_rules(txn: Txn, user_id: str) -> list[tuple[str, str, int, dict[str, Any]]]:
@@ -15,7 +16,7 @@ def user_rules(txn: Txn, user_id: str) -> list[tuple[str, str, int, dict[str, An
         "SELECT kind, rule_id, priority, rule FROM push_rules WHERE user_id = ? ORDER BY kind, priority DESC",
         (user_id,),
     )
-    return [(r[0], r[1], int(r[2]), orjson.loads(r[3])) for r in rows]
+    return [(r[0], r[1], int(r[2]), orjson.loads(unseal(txn, f"push_rule|{user_id}|{r[0]}|{r[1]}", r[3]))) for r in rows]
 
 
 def default_overrides(txn: Txn, user_id: str) -> dict[str, tuple[bool, list[Any] | None]]:
@@ -27,7 +28,7 @@ def put_user_rule(txn: Txn, user_id: str, kind: str, rule_id: str, priority: int
     txn.execute(
         "INSERT INTO push_rules (user_id, kind, rule_id, priority, rule) VALUES (?, ?, ?, ?, ?) "
         "ON CONFLICT (user_id, kind, rule_id) DO UPDATE SET priority = excluded.priority, rule = excluded.rule",
-        (user_id, kind, rule_id, priority, orjson.dumps(rule)),
+        (user_id, kind, rule_id, priority, seal(txn, "user", user_id, f"push_rule|{user_id}|{kind}|{rule_id}", orjson.dumps(rule))),
     )
 
 
@@ -46,8 +47,8 @@ def put_default_override(txn: Txn, user_id: str, rule_id: str, enabled: bool, ac
 
 
 def pushers_for(txn: Txn, user_id: str) -> list[dict[str, Any]]:
-    rows = txn.fetchall("SELECT data FROM pushers WHERE user_id = ? ORDER BY created_ts", (user_id,))
-    return [orjson.loads(r[0]) for r in rows]
+    rows = txn.fetchall("SELECT app_id, pushkey, data FROM pushers WHERE user_id = ? ORDER BY created_ts", (user_id,))
+    return [orjson.loads(unseal(txn, f"pusher|{user_id}|{r[0]}|{r[1]}", r[2])) for r in rows]
 
 
 def users_with_pushers(txn: Txn) -> set[str]:
@@ -61,7 +62,7 @@ def put_pusher(txn: Txn, user_id: str, app_id: str, pushkey: str, device_id: str
     txn.execute(
         "INSERT INTO pushers (user_id, app_id, pushkey, device_id, data, created_ts) VALUES (?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (user_id, app_id, pushkey) DO UPDATE SET data = excluded.data, device_id = excluded.device_id",
-        (user_id, app_id, pushkey, device_id, orjson.dumps(data), now),
+        (user_id, app_id, pushkey, device_id, seal(txn, "user", user_id, f"pusher|{user_id}|{app_id}|{pushkey}", orjson.dumps(data)), now),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bastion.storage.database import Txn
+from bastion.storage.sealed import seal, unseal
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,20 +103,26 @@ def aliases_for_room(txn: Txn, room_id: str) -> list[str]:
 
 def insert_filter(txn: Txn, user_id: str, filter_json: bytes) -> int:
     next_id = int(txn.fetchval("SELECT COALESCE(MAX(filter_id), -1) + 1 FROM filters WHERE user_id = ?", (user_id,)))
-    txn.execute("INSERT INTO filters (user_id, filter_id, json) VALUES (?, ?, ?)", (user_id, next_id, filter_json))
+    sealed = seal(txn, "user", user_id, f"filter|{user_id}|{next_id}", filter_json)
+    txn.execute("INSERT INTO filters (user_id, filter_id, json) VALUES (?, ?, ?)", (user_id, next_id, sealed))
     return next_id
 
 
 def get_filter(txn: Txn, user_id: str, filter_id: int) -> bytes | None:
     value = txn.fetchval("SELECT json FROM filters WHERE user_id = ? AND filter_id = ?", (user_id, filter_id))
-    return bytes(value) if value is not None else None
+    return unseal(txn, f"filter|{user_id}|{filter_id}", value) if value is not None else None
+
+
+def _account_data_binding(user_id: str, room_id: str, data_type: str) -> str:
+    return f"account_data|{user_id}|{room_id}|{data_type}"
 
 
 def put_account_data(txn: Txn, user_id: str, room_id: str, data_type: str, stream_id: int, content: bytes) -> None:
+    sealed = seal(txn, "user", user_id, _account_data_binding(user_id, room_id, data_type), content)
     txn.execute(
         "INSERT INTO account_data (user_id, room_id, type, stream_id, content) VALUES (?, ?, ?, ?, ?) "
         "ON CONFLICT (user_id, room_id, type) DO UPDATE SET stream_id = excluded.stream_id, content = excluded.content",
-        (user_id, room_id, data_type, stream_id, content),
+        (user_id, room_id, data_type, stream_id, sealed),
     )
 
 
@@ -124,7 +131,7 @@ def get_account_data(txn: Txn, user_id: str, room_id: str, data_type: str) -> by
         "SELECT content FROM account_data WHERE user_id = ? AND room_id = ? AND type = ?",
         (user_id, room_id, data_type),
     )
-    return bytes(value) if value is not None else None
+    return unseal(txn, _account_data_binding(user_id, room_id, data_type), value) if value is not None else None
 
 
 def account_data_since(txn: Txn, user_id: str, after: int, upto: int) -> list[tuple[str, str, bytes]]:
@@ -133,7 +140,7 @@ def account_data_since(txn: Txn, user_id: str, after: int, upto: int) -> list[tu
         "ORDER BY stream_id",
         (user_id, after, upto),
     )
-    return [(r[0], r[1], bytes(r[2])) for r in rows]
+    return [(r[0], r[1], unseal(txn, _account_data_binding(user_id, r[0], r[1]), r[2])) for r in rows]
 
 
 def max_account_data_stream(txn: Txn) -> int:

@@ -1,13 +1,27 @@
-"""Full-text index of searchable event fields (message body, room name, topic).
+"""Full-text search over message bodies, room names and topics.
 
-The index holds the text to search; encrypted events have no plaintext and are not
-indexed. Queries are built from the user's words as literal tokens (never passed to
-the engine's query syntax), all of which must match.
+Two indexes, one query interface:
+
+* with encryption at rest (the default) a **blind index**: each word is normalised
+  (Unicode NFKC, case-folded) and stored only as HMAC-SHA256 under the room's search
+  key, truncated to 128 bits. A query hashes its words the same way, per room. The
+  database never holds a searchable word in clear. What it does reveal is documented
+  in docs/security/encryption-at-rest.md (equal words within one room share a hash;
+  word counts per message are visible);
+* without encryption, the engine's own full-text index (SQLite FTS5 / PostgreSQL
+  text search).
+
+Encrypted (end-to-end) events have no plaintext and are never indexed. User words
+are always passed as values, never as query syntax.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
+import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +30,7 @@ from bastion.storage.database import Txn
 
 SEARCHABLE = {"m.room.message": ("content.body", "body"), "m.room.name": ("content.name", "name"), "m.room.topic": ("content.topic", "topic")}
 _WORD = re.compile(r"\w+", re.UNICODE)
+MAX_QUERY_WORDS = 32
 
 
 def searchable_field(event: Event) -> tuple[str, str] | None:
@@ -30,29 +45,47 @@ def searchable_field(event: Event) -> tuple[str, str] | None:
 
 
 def words(term: str) -> list[str]:
-    return [w.lower() for w in _WORD.findall(term)][:32]
+    normalised = unicodedata.normalize("NFKC", term).casefold()
+    return _WORD.findall(normalised)[:MAX_QUERY_WORDS] if term else []
+
+
+def _blind(key: bytes, word: str) -> bytes:
+    return hmac.new(key, word.encode(), hashlib.sha256).digest()[:16]
+
+
+def _blind_enabled(txn: Txn) -> bool:
+    return txn.crypto is not None and txn.crypto.enabled
 
 
 def index_event(txn: Txn, event: Event) -> None:
     field = searchable_field(event)
     if field is None:
         return
-    key, value = field
-    if txn.dialect == "sqlite":
+    key_name, value = field
+    if _blind_enabled(txn):
+        key = txn.crypto.search_key(txn, event.room_id)
+        counts = Counter(_blind(key, w) for w in words(value)[:2000])
+        txn.executemany(
+            "INSERT INTO event_search_tokens (room_id, token, event_id, stream_ordering, key, hits) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (room_id, token, event_id) DO NOTHING",
+            [(event.room_id, token, event.event_id, event.stream_ordering, key_name, n) for token, n in counts.items()],
+        )
+    elif txn.dialect == "sqlite":
         txn.execute(
             "INSERT INTO event_search (value, event_id, room_id, key, stream_ordering) VALUES (?, ?, ?, ?, ?)",
-            (value, event.event_id, event.room_id, key, event.stream_ordering),
+            (value, event.event_id, event.room_id, key_name, event.stream_ordering),
         )
     else:
         txn.execute(
             "INSERT INTO event_search (event_id, room_id, key, stream_ordering, vector) "
             "VALUES (?, ?, ?, ?, to_tsvector('simple', ?)) ON CONFLICT (event_id) DO NOTHING",
-            (event.event_id, event.room_id, key, event.stream_ordering, value),
+            (event.event_id, event.room_id, key_name, event.stream_ordering, value),
         )
 
 
 def unindex_event(txn: Txn, event_id: str) -> None:
     txn.execute("DELETE FROM event_search WHERE event_id = ?", (event_id,))
+    txn.execute("DELETE FROM event_search_tokens WHERE event_id = ?", (event_id,))
 
 
 def search(
@@ -69,6 +102,8 @@ def search(
     """([(event_id, stream_ordering, rank)], total count) for events matching every word."""
     if not term_words or not room_ids or not keys:
         return [], 0
+    if _blind_enabled(txn):
+        return _search_blind(txn, term_words, room_ids, keys, order_by_rank, before, offset, limit)
     params: list[Any]
     if txn.dialect == "sqlite":
         match = " ".join('"' + w.replace('"', '""') + '"' for w in term_words)
@@ -93,4 +128,39 @@ def search(
         f"ORDER BY {order} LIMIT ? OFFSET ?",
         [*select_params, limit, offset],
     )
+    return [(r[0], int(r[1]), float(r[2])) for r in rows], total
+
+
+def _search_blind(
+    txn: Txn, term_words: Sequence[str], room_ids: Sequence[str], keys: Sequence[str],
+    order_by_rank: bool, before: int | None, offset: int, limit: int,
+) -> tuple[list[tuple[str, int, float]], int]:
+    unique = sorted(set(term_words))
+    pairs: list[Any] = []
+    for room_id in room_ids:
+        key = txn.crypto.search_key(txn, room_id, create=False)
+        if key is not None:
+            for word in unique:
+                pairs += [room_id, _blind(key, word)]
+    if not pairs:
+        return [], 0
+    values = ", ".join(["(?, ?)"] * (len(pairs) // 2))
+    where = f"(room_id, token) IN (VALUES {values}) AND key IN ({txn.in_list(keys)})"
+    params: list[Any] = [*pairs, *keys]
+    if before is not None:
+        where += " AND stream_ordering < ?"
+        params.append(before)
+    grouped = (
+        f"SELECT event_id, stream_ordering, SUM(hits) AS rnk FROM event_search_tokens WHERE {where} "
+        f"GROUP BY event_id, stream_ordering HAVING COUNT(DISTINCT token) = {len(unique)}"
+    )
+    total_params = [*pairs, *keys]
+    total_where = f"(room_id, token) IN (VALUES {values}) AND key IN ({txn.in_list(keys)})"
+    total = int(txn.fetchval(
+        f"SELECT COUNT(*) FROM (SELECT event_id FROM event_search_tokens WHERE {total_where} "
+        f"GROUP BY event_id HAVING COUNT(DISTINCT token) = {len(unique)}) t",
+        total_params,
+    ))
+    order = "rnk DESC, stream_ordering DESC" if order_by_rank else "stream_ordering DESC"
+    rows = txn.fetchall(f"SELECT event_id, stream_ordering, rnk FROM ({grouped}) g ORDER BY {order} LIMIT ? OFFSET ?", [*params, limit, offset])
     return [(r[0], int(r[1]), float(r[2])) for r in rows], total
