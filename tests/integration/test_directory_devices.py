@@ -72,6 +72,19 @@ def test_user_directory_search(server: ServerProcess) -> None:
     assert alice.call("POST", "/_matrix/client/v3/user_directory/search", {"search_term": "%"})["results"] == []
 
 
+def test_user_directory_search_all_users(make_server) -> None:
+    srv: ServerProcess = make_server(user_directory={"search_all_users": True})
+    alice, carol, gone = srv.client().register(), srv.client().register(), srv.client().register()
+    for user, name in ((carol, "Carol Quartermaine"), (gone, "Carol Gone")):
+        user.call("PUT", f"/_matrix/client/v3/profile/{user.user_id}/displayname", {"displayname": name})
+    gone.call("POST", "/_matrix/client/v3/account/deactivate", {"auth": {
+        "type": "m.login.password", "identifier": {"type": "m.id.user", "user": gone.user_id}, "password": gone.password}})
+    found = alice.call("POST", "/_matrix/client/v3/user_directory/search", {"search_term": "QUARTER carol"})
+    assert [(r["user_id"], r["display_name"]) for r in found["results"]] == [(carol.user_id, "Carol Quartermaine")]
+    assert [r["user_id"] for r in alice.call("POST", "/_matrix/client/v3/user_directory/search",
+                                             {"search_term": "carol"})["results"]] == [carol.user_id]  # not deactivated ones
+
+
 def test_devices_list_rename_and_delete_with_uia(server: ServerProcess) -> None:
     user = server.client().register()
     second = server.client()

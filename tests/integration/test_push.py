@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -83,11 +84,14 @@ def test_rules_drive_unread_counts_and_notifications(server: ServerProcess) -> N
     page = bob.call("GET", "/_matrix/client/v3/notifications", params={"limit": 1})
     rest = bob.call("GET", "/_matrix/client/v3/notifications", params={"from": page["next_token"], "limit": 1})
     assert [n["event"]["content"]["body"] for n in rest["notifications"]] == ["hello"]
-    # master rule: nothing notifies
+    # master rule: nothing notifies from now on. What bob was already notified of stays
+    # in his counts until he reads it (rules are applied when an event arrives; see
+    # test_unread_highlight_is_not_recounted_when_rules_change in test_nio_messaging.py).
     bob.call("PUT", "/_matrix/client/v3/pushrules/global/override/.m.rule.master/enabled", {"enabled": True})
     since = bob.sync()["next_batch"]
     alice.send(room, "anyone?")
-    assert bob.sync(since=since)["rooms"]["join"][room]["unread_notifications"]["notification_count"] == 0
+    counts = bob.sync(since=since)["rooms"]["join"][room]["unread_notifications"]
+    assert counts == {"notification_count": 2, "highlight_count": 1}  # "anyone?" added nothing
 
 
 class Gateway:
@@ -181,3 +185,44 @@ def test_pushers_refused_without_configured_gateway(server: ServerProcess) -> No
             "pushkey": "k", "kind": "http", "app_id": "a", "app_display_name": "A", "device_display_name": "D",
             "lang": "en", "data": {"url": "https://push.example.org/_matrix/push/v1/notify"}})
     assert err.value.status == 403
+
+
+def _stored_push_actions(srv: ServerProcess) -> list[tuple[int | None, str | None]]:
+    query = ("SELECT actions_preset, actions FROM event_push_actions "
+             "UNION ALL SELECT actions_preset, actions FROM event_push_actions_staging")
+    if srv.database_url.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(srv.database_url[len("sqlite:///"):]) as conn:
+            return list(conn.execute(query).fetchall())
+    import psycopg
+
+    with psycopg.connect(srv.database_url) as conn:
+        return list(conn.execute(query).fetchall())
+
+
+def test_notifications_keep_the_actions_of_the_time_without_storing_user_rules_in_clear(make_server) -> None:
+    """/notifications shows the actions that applied when the event arrived. Those of a
+    user's own rule can hold what the user wrote (rules are encrypted at rest), so they
+    are stored sealed; the server-default action lists are stored as a number."""
+    srv: ServerProcess = make_server()
+    alice, bob = srv.client().register(), srv.client().register()
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    tweak = "chime-" + uuid.uuid4().hex
+    bob.call("PUT", "/_matrix/client/v3/pushrules/global/override/lunch", {
+        "conditions": [{"kind": "event_match", "key": "content.body", "pattern": "*lunch*"}],
+        "actions": ["notify", {"set_tweak": "sound", "value": tweak}]})
+    alice.send(room, "lunch?")
+    alice.send(room, "or later")
+    bob.call("DELETE", "/_matrix/client/v3/pushrules/global/override/lunch")
+    notified = bob.call("GET", "/_matrix/client/v3/notifications")["notifications"]
+    assert [(n["event"]["content"]["body"], n["actions"]) for n in notified[:2]] == [
+        ("or later", ["notify", {"set_tweak": "sound", "value": "default"}]),  # .m.rule.room_one_to_one
+        ("lunch?", ["notify", {"set_tweak": "sound", "value": tweak}]),  # the rule is gone, its decision stays
+    ]
+    assert srv.stop() == 0
+    stored = _stored_push_actions(srv)
+    assert not any(tweak in (actions or "") for _, actions in stored)
+    assert [a for _, a in stored if a is not None] and all(a.startswith("enc:") for _, a in stored if a is not None)
+    assert any(preset is not None and actions is None for preset, actions in stored)

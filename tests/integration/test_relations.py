@@ -89,6 +89,25 @@ def test_thread_from_a_relation_is_refused(room_pair) -> None:
     assert err.value.status == 400 and err.value.errcode == "M_UNKNOWN"
 
 
+def test_duplicate_annotation_is_refused_until_the_first_is_redacted(room_pair) -> None:
+    alice, bob, room = room_pair
+    target = alice.send(room, "vote")
+
+    def react(key: str, event_type: str = "m.reaction") -> str:
+        return bob.send(room, {"m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": key}}, event_type)
+
+    first = react("👍")
+    with pytest.raises(MatrixError) as err:
+        react("👍")
+    assert err.value.status == 400 and err.value.errcode == "M_DUPLICATE_ANNOTATION"
+    react("👍", "org.example.vote")  # same key, another event type: a different annotation
+    bob.call("PUT", f"/_matrix/client/v3/rooms/{room}/redact/{first}/undo", {})
+    react("👍")  # taken back, so it may be given again
+    with pytest.raises(MatrixError) as err:
+        react("👍")
+    assert err.value.errcode == "M_DUPLICATE_ANNOTATION"
+
+
 def test_references_and_recursion(room_pair) -> None:
     alice, _, room = room_pair
     root = alice.send(room, "poll")

@@ -5,9 +5,11 @@ only server administrators, because a published room is visible to every account
 Room moderators (those who may set ``m.room.canonical_alias``) may always take their
 room *out* of the directory.
 
-The user directory returns users who share a room with the searcher or are in a
-public room — or, with ``user_directory.search_all_users``, every active account
-(an enterprise directory).
+The user directory returns users who share a room with the searcher or are joined to
+a room whose join rule is ``public`` or whose history is ``world_readable`` (the
+spec's minimum; not the room directory's publication flag) — or, with
+``user_directory.search_all_users``, every active account (an enterprise directory).
+Display names are encrypted at rest, so names are matched after decryption.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class DirectoryService:
         self.server_name = server_name
         self._publishers = publishers
         self._search_all = search_all_users
+        self._names: directory_store.NameCache = {}  # decrypted display names by ciphertext
+        self._room_settings_filled = False
 
     def may_publish(self, requester: Requester, room: RoomSnapshot | None) -> bool:
         """Whether ``requester`` may publish ``room`` (None: a room they are creating)."""
@@ -151,8 +155,12 @@ class DirectoryService:
         return result
 
     async def search_users(self, requester: Requester, term: str, limit: int) -> dict[str, Any]:
+        if not self._room_settings_filled:
+            # Rooms created before the columns existed (once per start; a no-op after).
+            await self._db.write(directory_store.fill_room_settings)
+            self._room_settings_filled = True
         rows = await self._db.read(
-            directory_store.search_users, requester.user_id, term, limit + 1, self._search_all
+            directory_store.search_users, requester.user_id, term, limit + 1, self._search_all, self._names
         )
         results = [
             {k: v for k, v in (("user_id", r[0]), ("display_name", r[1]), ("avatar_url", r[2])) if v is not None}

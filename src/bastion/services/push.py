@@ -1,11 +1,18 @@
 """Push rules (CRUD and evaluation), unread counts, ``/notifications`` and pushers.
 
-One evaluator decides, per user and event, what the user's push rules say; unread
-counts in ``/sync``, the ``/notifications`` list and pushes to gateways all use it.
+Push rules are evaluated once per event, when it is persisted (:meth:`PushRulesService.decide`
+is an :class:`~bastion.services.room_events.EventService` persist hook): for every member
+joined at that moment (and an invitee), with the room state before the event — member
+count, the sender's power level, the notification power levels, the member's display
+name. One row per user the event notifies is written in the event's own transaction
+(to a staging table that :meth:`PushRulesService.move_staged_rows` empties in batches;
+see :mod:`bastion.storage.push_actions`), so counts are there the moment ``/sync`` can
+see the event, and a later rule change or a restart never rewrites them.
 
-Unread counts are computed lazily, per (user, room), from the user's read position
-(their newest own event or read receipt) and cached; new events are evaluated once
-each as they are counted.
+Unread counts are the rows after the user's read position (their newest own event or
+read receipt). They are kept per (user, room) and advanced from memory — each event's
+decision is remembered for a while — falling back to one indexed query when memory
+does not cover the range. ``/notifications`` reads the rows.
 
 Pushers deliver to Matrix push gateways over HTTP. Because a pusher makes the server
 send requests to a URL a user chose, gateways must match ``push.gateway_url_prefixes``
@@ -17,20 +24,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from bastion.clock import now_ms
 from bastion.core.auth_rules import user_power_level
-from bastion.core.events import Event
+from bastion.core.events import Event, StateKey, thread_root
 from bastion.core.ids import is_valid_room_id, is_valid_user_id
 from bastion.core.push_rules import (
     KINDS,
-    EvalContext,
+    CompiledRule,
+    CompiledRuleset,
+    EventEvaluator,
+    compile_ruleset,
     default_ruleset,
-    evaluate,
     notify_and_highlight,
 )
 from bastion.errors import BadJson, Forbidden, InvalidParam, MatrixError, NotFound
@@ -38,23 +48,54 @@ from bastion.services.account_data import AccountDataService
 from bastion.services.caches import MembershipIndex, RoomCache, RoomSnapshot
 from bastion.services.receipts import ReceiptsService
 from bastion.services.requester import Requester
-from bastion.storage import events as events_store
 from bastion.storage import push as push_store
+from bastion.storage import push_actions as push_actions_store
 from bastion.storage.database import Database, Txn
 
 log = logging.getLogger(__name__)
 
-UNREAD_SCAN_LIMIT = 1000
-NOTIFICATIONS_SCAN_LIMIT = 2000
 VALID_ACTION_STRINGS = ("notify", "dont_notify", "coalesce")
+MAX_RULESETS = 10_000
+MAX_UNREAD_ENTRIES = 200_000
+# Decisions remembered for recent events, counted in (user, event) pairs: enough for
+# every room's recent events in memory, bounded for very large rooms.
+MAX_REMEMBERED_PAIRS = 1_000_000
+# How often rows written with their events are moved out of the staging table.
+STAGING_MOVE_INTERVAL_S = 1.0
 
 
-@dataclass
-class _Unread:
-    read_pos: int
-    counted_upto: int
+@dataclass(slots=True)
+class UnreadCounts:
+    """A user's unread notifications in one room: the main timeline and each thread."""
+
     notifications: int = 0
     highlights: int = 0
+    threads: dict[str, list[int]] = field(default_factory=dict)  # root -> [notifications, highlights]
+
+    def total(self) -> tuple[int, int]:
+        """Main timeline and threads together (for clients that do not count threads apart)."""
+        return (
+            self.notifications + sum(t[0] for t in self.threads.values()),
+            self.highlights + sum(t[1] for t in self.threads.values()),
+        )
+
+
+@dataclass(slots=True)
+class _Unread:
+    signature: tuple[Any, ...]
+    counted_upto: int
+    counts: UnreadCounts
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whom one event notified and highlighted (exactly the rows stored for it)."""
+
+    notified: frozenset[str]
+    highlighted: frozenset[str]
+
+
+_NOBODY = Decision(frozenset(), frozenset())
 
 
 def _validate_actions(actions: Any) -> list[Any]:
@@ -86,46 +127,46 @@ class PushRulesService:
         self._memberships = memberships
         self._receipts = receipts
         self._account_data = account_data
-        self._rulesets: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._rulesets: OrderedDict[str, tuple[dict[str, Any], CompiledRuleset]] = OrderedDict()
+        self._rules_changes = 0  # bumped on every rule change: a load that raced one is not cached
         self._unread: OrderedDict[tuple[str, str], _Unread] = OrderedDict()
+        self._decisions: dict[str, Decision] = {}  # event ID -> decision, oldest first
+        self._remembered_pairs = 0
+        self._staged = True  # rows may be waiting in the staging table (at start: maybe)
 
     # -- rulesets ------------------------------------------------------------------------------
 
     async def ruleset(self, user_id: str) -> dict[str, Any]:
-        cached = self._rulesets.get(user_id)
-        if cached is not None:
-            self._rulesets.move_to_end(user_id)
-            return cached
+        return (await self._rulesets_for([user_id]))[user_id][0]
 
-        def load(txn: Txn) -> tuple[Any, Any]:
-            return push_store.user_rules(txn, user_id), push_store.default_overrides(txn, user_id)
-
-        user_rules, overrides = await self._db.read(load)
-        ruleset = default_ruleset(user_id)
-        rules = ruleset["global"]
-        for kind in KINDS:
-            for rule in rules[kind]:
-                override = overrides.get(rule["rule_id"])
-                if override is not None:
-                    rule["enabled"] = override[0]
-                    if override[1] is not None:
-                        rule["actions"] = override[1]
-        custom: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
-        for kind, _rule_id, _priority, rule in user_rules:
-            if kind in custom:
-                custom[kind].append(rule)
-        for kind in KINDS:
-            defaults = rules[kind]
-            if kind == "override":
-                master = [r for r in defaults if r["rule_id"] == ".m.rule.master"]
-                rest = [r for r in defaults if r["rule_id"] != ".m.rule.master"]
-                rules[kind] = master + custom[kind] + rest
+    async def _rulesets_for(self, user_ids: Collection[str]) -> dict[str, tuple[dict[str, Any], CompiledRuleset]]:
+        """Rulesets (and their compiled form) of many users; the missing ones in one read."""
+        out: dict[str, tuple[dict[str, Any], CompiledRuleset]] = {}
+        missing: list[str] = []
+        cache = self._rulesets
+        for user_id in user_ids:
+            cached = cache.get(user_id)
+            if cached is None:
+                missing.append(user_id)
             else:
-                rules[kind] = custom[kind] + defaults
-        self._rulesets[user_id] = ruleset
-        if len(self._rulesets) > 10_000:
-            self._rulesets.popitem(last=False)
-        return ruleset
+                cache.move_to_end(user_id)
+                out[user_id] = cached
+        if not missing:
+            return out
+        changes = self._rules_changes
+
+        def load(txn: Txn) -> dict[str, tuple[Any, Any]]:
+            return {u: (push_store.user_rules(txn, u), push_store.default_overrides(txn, u)) for u in missing}
+
+        for user_id, (user_rules, overrides) in (await self._db.read(load)).items():
+            ruleset = _merge_ruleset(user_id, user_rules, overrides)
+            entry = (ruleset, compile_ruleset(ruleset, user_id))
+            out[user_id] = entry
+            if changes == self._rules_changes:
+                cache[user_id] = entry
+        while len(cache) > MAX_RULESETS:
+            cache.popitem(last=False)
+        return out
 
     def _find(self, ruleset: dict[str, Any], kind: str, rule_id: str) -> dict[str, Any] | None:
         return next((r for r in ruleset["global"].get(kind, []) if r.get("rule_id") == rule_id), None)
@@ -143,10 +184,15 @@ class PushRulesService:
             raise NotFound("Push rule not found")
         return rule
 
-    async def _changed(self, user_id: str) -> None:
+    def forget_user(self, user_id: str) -> None:
+        """Another worker changed the user's rules: load them again when next needed."""
+        self._rules_changes += 1
         self._rulesets.pop(user_id, None)
-        for key in [k for k in self._unread if k[0] == user_id]:
-            del self._unread[key]
+
+    async def _changed(self, user_id: str) -> None:
+        # Only events that arrive from now on see the new rules: stored decisions stay.
+        self._rules_changes += 1
+        self._rulesets.pop(user_id, None)
         await self._account_data.put(user_id, "", "m.push_rules", await self.ruleset(user_id))
 
     async def put_rule(
@@ -241,57 +287,164 @@ class PushRulesService:
 
     # -- evaluation ---------------------------------------------------------------------------------
 
-    async def actions_for(self, user_id: str, event: Event, room: RoomSnapshot) -> list[Any] | None:
-        if event.sender == user_id:
+    async def decide(
+        self, event: Event, state: Mapping[StateKey, Event], joined: Collection[str]
+    ) -> Callable[[Txn], None] | None:
+        """Persist hook: evaluate ``event`` for its recipients; returns the rows' write.
+
+        ``state`` is the room state before the event and ``joined`` its joined members.
+        Recipients are the joined members but the sender, plus the target of an invite;
+        users who ignore the sender get nothing for their messages or invites.
+        """
+        recipients = [u for u in joined if u != event.sender]
+        if event.type == "m.room.member" and event.membership == "invite":
+            target = event.state_key
+            if target is not None and target != event.sender and target not in joined:
+                recipients.append(target)
+        if not recipients:
+            self._remember(event.event_id, _NOBODY)
             return None
-        if event.state_key is None and event.sender in await self._account_data.ignored_users(user_id):
-            return None
-        ruleset = await self.ruleset(user_id)
-        member = room.state.get(("m.room.member", user_id))
-        name = member.content.get("displayname") if member is not None else None
-        pl = room.state.get(("m.room.power_levels", ""))
+        rulesets = await self._rulesets_for(recipients)
+        ignored = await self._account_data.ignored_users_many(recipients)
+        pl = state.get(("m.room.power_levels", ""))
         levels = pl.content.get("notifications") if pl is not None else None
-        ctx = EvalContext(
-            user_id=user_id,
-            display_name=name if isinstance(name, str) else None,
-            member_count=len(room.joined),
-            sender_level=user_power_level(event.sender, room.state),
-            notification_levels={k: v for k, v in (levels or {}).items() if type(v) is int} if isinstance(levels, dict) else {},
+        evaluator = EventEvaluator(
+            event.pdu,
+            len(joined),
+            user_power_level(event.sender, state),
+            {k: v for k, v in levels.items() if type(v) is int} if isinstance(levels, dict) else {},
         )
-        return evaluate(ruleset, event.pdu, ctx)
+        sender = event.sender
+        notified: list[tuple[str, CompiledRule]] = []
+        for user in recipients:
+            if sender in ignored[user] and (event.state_key is None or event.state_key == user):
+                continue
+            compiled = rulesets[user][1]
+            name = None
+            if compiled.needs_name:
+                member = state.get(("m.room.member", user))
+                name = member.content.get("displayname") if member is not None else None
+            rule = evaluator.first_match(compiled, user, name if isinstance(name, str) else None)
+            if rule is not None and rule.notify:
+                notified.append((user, rule))
+        self._remember(
+            event.event_id,
+            Decision(frozenset(u for u, _ in notified), frozenset(u for u, r in notified if r.highlight))
+            if notified
+            else _NOBODY,
+        )
+        if not notified:
+            return None
+        encoded: dict[int, str] = {}
+        for _, rule in notified:
+            if id(rule) not in encoded:
+                encoded[id(rule)] = orjson.dumps(list(rule.actions)).decode()
+
+        thread = thread_root(event)
+
+        def write(txn: Txn) -> None:
+            # Runs inside the event's transaction, after its stream ordering is assigned.
+            push_actions_store.insert_push_actions(txn, [
+                (user, event.room_id, event.event_id, event.stream_ordering, rule.highlight, encoded[id(rule)], thread)
+                for user, rule in notified
+            ])
+            txn.after_commit.append(self._note_staged)
+
+        return write
+
+    def _note_staged(self) -> None:
+        self._staged = True  # on the writer thread, after the commit: a plain flag is enough
+
+    async def move_staged_rows(self, interval_s: float = STAGING_MOVE_INTERVAL_S) -> None:
+        """Background task: move staged rows to the per-user table, a batch at a time.
+
+        The event's own commit appends its rows to the staging table, ordered by stream
+        position; moving a second's worth at once writes each member's pages once per
+        batch instead of once per message. Readers look at both tables, so this changes
+        nothing anyone sees.
+        """
+        while True:
+            if self._staged:
+                self._staged = False
+                try:
+                    await self._db.write(push_actions_store.move_staged)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._staged = True
+                    log.warning("moving staged push actions failed (will retry): %s", exc)
+            await asyncio.sleep(interval_s)
+
+    def decision(self, event_id: str) -> Decision | None:
+        """What the rules decided for a recent event, or None if no longer remembered."""
+        return self._decisions.get(event_id)
+
+    def _remember(self, event_id: str, decision: Decision) -> None:
+        decisions = self._decisions
+        if event_id in decisions:
+            return
+        decisions[event_id] = decision
+        self._remembered_pairs += 1 + len(decision.notified)
+        while self._remembered_pairs > MAX_REMEMBERED_PAIRS and decisions:
+            oldest = next(iter(decisions))
+            self._remembered_pairs -= 1 + len(decisions.pop(oldest).notified)
 
     async def read_position(self, room: RoomSnapshot, user_id: str) -> int:
         return max(room.last_event_by.get(user_id, 0), await self._receipts.read_position(room.room_id, user_id))
 
-    async def unread_counts(self, room: RoomSnapshot, user_id: str, upto: int) -> tuple[int, int]:
-        read_pos = await self.read_position(room, user_id)
+    async def unread_counts(self, room: RoomSnapshot, user_id: str, upto: int) -> UnreadCounts:
+        """Notifications the user has not read, counting events up to ``upto``.
+
+        The main timeline is read up to the user's unthreaded or ``main`` receipt (or
+        their own last message); a thread up to their unthreaded receipt or their receipt
+        in that thread.
+        """
+        unthreaded, main, threads = await self._receipts.read_positions(room.room_id, user_id)
+        main_read = max(unthreaded, main, room.last_event_by.get(user_id, 0))
+        signature = (unthreaded, main_read, tuple(sorted(threads.items())))
         key = (user_id, room.room_id)
         entry = self._unread.get(key)
-        if entry is None or entry.read_pos != read_pos or entry.counted_upto > upto:
-            entry = _Unread(read_pos=read_pos, counted_upto=read_pos)
+        if entry is None or entry.signature != signature or entry.counted_upto > upto:
+            # Thread rows count from the unthreaded receipt on, main rows from main_read.
+            entry = _Unread(signature, counted_upto=min(unthreaded, main_read), counts=UnreadCounts())
         if entry.counted_upto < upto:
-            events = room.events_after(entry.counted_upto, upto)
-            if events is None:
-                rows = await self._db.read(
-                    events_store.get_room_events, room.room_id, after=entry.counted_upto, upto=upto,
-                    limit=UNREAD_SCAN_LIMIT, backwards=True,
-                )
-                events = list(reversed(rows))
-            for event in events:
-                notify, highlight = notify_and_highlight(await self.actions_for(user_id, event, room))
-                entry.notifications += notify
-                entry.highlights += highlight
+            counts = entry.counts
+            for stream, highlight, thread in await self._rows(room, user_id, entry.counted_upto, upto):
+                if thread is None:
+                    if stream > main_read:
+                        counts.notifications += 1
+                        counts.highlights += highlight
+                elif stream > max(unthreaded, threads.get(thread, 0)):
+                    per = counts.threads.setdefault(thread, [0, 0])
+                    per[0] += 1
+                    per[1] += highlight
             entry.counted_upto = upto
         self._unread[key] = entry
         self._unread.move_to_end(key)
-        if len(self._unread) > 200_000:
+        if len(self._unread) > MAX_UNREAD_ENTRIES:
             self._unread.popitem(last=False)
-        return entry.notifications, entry.highlights
+        return entry.counts
+
+    async def _rows(self, room: RoomSnapshot, user_id: str, after: int, upto: int) -> list[tuple[int, bool, str | None]]:
+        """(stream, highlight, thread root) of the user's notifications in (after, upto]:
+        from memory when every event there is remembered, else SQL."""
+        events = room.events_after(after, upto)
+        if events is not None:
+            rows: list[tuple[int, bool, str | None]] = []
+            for event in events:
+                decision = self._decisions.get(event.event_id)
+                if decision is None:
+                    break
+                if user_id in decision.notified:
+                    rows.append((event.stream_ordering, user_id in decision.highlighted, thread_root(event)))
+            else:
+                return rows
+        return await self._db.read(push_actions_store.unread_rows, user_id, room.room_id, after, upto)
 
     async def notifications(
         self, requester: Requester, from_token: str | None, limit: int, only: str | None
     ) -> dict[str, Any]:
-        """GET /notifications: recent events that notified the user, newest first."""
+        """GET /notifications: the stored notifications, newest first (rooms the user is in)."""
         before = None
         if from_token:
             if not from_token.isdigit() or len(from_token) > 18:
@@ -300,35 +453,52 @@ class PushRulesService:
         if only not in (None, "highlight"):
             raise InvalidParam("'only' may only be 'highlight'")
         user = requester.user_id
-        joined = [r for r, m in (await self._memberships.rooms_for(user)).items() if m.membership == "join"]
-        rows = await self._db.read(
-            events_store.recent_events_in_rooms, joined, before, NOTIFICATIONS_SCAN_LIMIT, user
-        )
+        rows = await self._db.read(push_actions_store.notifications_for, user, before, limit + 1, only == "highlight")
         out: list[dict[str, Any]] = []
-        next_token = None
         now = now_ms()
-        for event in rows:
-            room = self._rooms.cached(event.room_id) or await self._rooms.get(event.room_id)
-            if room is None:
-                continue
-            actions = await self.actions_for(user, event, room)
-            notify, highlight = notify_and_highlight(actions)
-            if not notify or (only == "highlight" and not highlight):
-                continue
+        read_positions: dict[str, int] = {}
+        for row in rows[:limit]:
+            read_pos = read_positions.get(row.room_id)
+            if read_pos is None:
+                room = self._rooms.cached(row.room_id) or await self._rooms.get(row.room_id)
+                read_pos = read_positions[row.room_id] = await self.read_position(room, user) if room is not None else 0
             out.append({
-                "actions": actions,
-                "event": event.client_fragment(now, requester.device_key),
-                "read": event.stream_ordering <= await self.read_position(room, user),
-                "room_id": event.room_id,
-                "ts": event.origin_server_ts,
+                "actions": row.actions,
+                "event": row.event.client_fragment(now, requester.device_key),
+                "read": row.stream_ordering <= read_pos,
+                "room_id": row.room_id,
+                "ts": row.event.origin_server_ts,
             })
-            if len(out) >= limit:
-                next_token = str(event.stream_ordering)
-                break
         result: dict[str, Any] = {"notifications": out}
-        if next_token is not None:
-            result["next_token"] = next_token
+        if len(rows) > limit and out:
+            result["next_token"] = str(rows[limit - 1].stream_ordering)
         return result
+
+
+def _merge_ruleset(user_id: str, user_rules: list[tuple[str, str, int, dict[str, Any]]], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The server defaults (with the user's changes to them) and the user's own rules."""
+    ruleset = default_ruleset(user_id)
+    rules = ruleset["global"]
+    for kind in KINDS:
+        for rule in rules[kind]:
+            override = overrides.get(rule["rule_id"])
+            if override is not None:
+                rule["enabled"] = override[0]
+                if override[1] is not None:
+                    rule["actions"] = override[1]
+    custom: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+    for kind, _rule_id, _priority, rule in user_rules:
+        if kind in custom:
+            custom[kind].append(rule)
+    for kind in KINDS:
+        defaults = rules[kind]
+        if kind == "override":
+            master = [r for r in defaults if r["rule_id"] == ".m.rule.master"]
+            rest = [r for r in defaults if r["rule_id"] != ".m.rule.master"]
+            rules[kind] = master + custom[kind] + rest
+        else:
+            rules[kind] = custom[kind] + defaults
+    return ruleset
 
 
 class PusherService:
@@ -346,11 +516,17 @@ class PusherService:
         self._prefixes = gateway_prefixes
         self._timeout = timeout_s
         self._users: set[str] = set()
+        self.bus: Any = None  # with several workers: tell the others who has pushers
         self._client: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        """Load (or reload) which users have pushers."""
         self._users = await self._db.read(push_store.users_with_pushers)
+
+    async def _announce(self) -> None:
+        if self.bus is not None:
+            await self.bus.publish("pushers", {})
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -380,6 +556,7 @@ class PusherService:
         if kind is None:
             if await self._db.write(push_store.delete_pusher, requester.user_id, app_id, pushkey):
                 self._users = await self._db.read(push_store.users_with_pushers)
+                await self._announce()
             return
         if kind not in ("http", "email"):
             raise BadJson("'kind' must be 'http', 'email' or null")
@@ -415,6 +592,7 @@ class PusherService:
             push_store.put_pusher, requester.user_id, app_id, pushkey, requester.device_id, pusher, now_ms(), append
         )
         self._users = await self._db.read(push_store.users_with_pushers)
+        await self._announce()
 
     # -- delivery --------------------------------------------------------------------------------
 
@@ -422,24 +600,30 @@ class PusherService:
         if not self._users:
             return
         room = unit.room
-        targets = [u for u in room.joined if u in self._users]
-        if not targets:
-            return
         for event in unit.events:
+            decision = self._rules.decision(event.event_id)
+            if decision is not None:
+                targets = [u for u in decision.notified if u in self._users]
+            else:  # no longer remembered: the stored rows decide in _maybe_push
+                targets = [u for u in room.joined if u in self._users and u != event.sender]
             for user in targets:
-                if user != event.sender:
-                    task = asyncio.create_task(self._maybe_push(user, event, room))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                task = asyncio.create_task(self._maybe_push(user, event, room))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _maybe_push(self, user: str, event: Event, room: RoomSnapshot) -> None:
         try:
-            actions = await self._rules.actions_for(user, event, room)
+
+            def load(txn: Txn) -> tuple[list[Any] | None, list[dict[str, Any]]]:
+                actions = push_actions_store.actions_for(txn, user, event.stream_ordering)
+                return actions, (push_store.pushers_for(txn, user) if actions is not None else [])
+
+            actions, pushers = await self._db.read(load)
             notify, highlight = notify_and_highlight(actions)
             if not notify:
                 return
-            unread, _ = await self._rules.unread_counts(room, user, event.stream_ordering)
-            for pusher in await self._db.read(push_store.pushers_for, user):
+            unread, _ = (await self._rules.unread_counts(room, user, event.stream_ordering)).total()
+            for pusher in pushers:
                 await self._deliver(user, pusher, event, room, actions or [], highlight, unread)
         except Exception:
             log.exception("push to %s failed", user)
@@ -490,6 +674,7 @@ class PusherService:
                         if pusher["pushkey"] in rejected:
                             await self._db.write(push_store.delete_pushers_by_key, pusher["app_id"], pusher["pushkey"])
                             self._users = await self._db.read(push_store.users_with_pushers)
+                            await self._announce()
                         return
                     if 400 <= resp.status < 500:
                         log.warning("push gateway refused a notification for %s: %d", user, resp.status)

@@ -194,17 +194,43 @@ class RelationsService:
     # -- validation ------------------------------------------------------------------------------
 
     async def validate_new_event(self, event: Event, state: Any) -> None:
-        """Spec: a thread may not start from an event that itself relates to another."""
+        """Relation rules checked before an event is stored.
+
+        A thread may not start from an event that itself relates to another; a user may
+        not annotate an event twice with the same type and key (until they redact the
+        first: ``M_DUPLICATE_ANNOTATION``).
+        """
         relates = event.content.get("m.relates_to")
-        if not isinstance(relates, dict) or relates.get("rel_type") != "m.thread":
+        if not isinstance(relates, dict):
             return
+        rel_type = relates.get("rel_type")
         target_id = relates.get("event_id")
         if not isinstance(target_id, str):
             return
-        target = await self._events.get(target_id)
-        target_rel = target.content.get("m.relates_to") if target is not None else None
-        if isinstance(target_rel, dict) and target_rel.get("rel_type") is not None:
-            raise MatrixError("Cannot start a thread from an event that has a relation", errcode="M_UNKNOWN", status=400)
+        if rel_type == "m.thread":
+            target = await self._events.get(target_id)
+            target_rel = target.content.get("m.relates_to") if target is not None else None
+            if isinstance(target_rel, dict) and target_rel.get("rel_type") is not None:
+                raise MatrixError("Cannot start a thread from an event that has a relation", errcode="M_UNKNOWN", status=400)
+        elif rel_type == "m.annotation" and event.state_key is None:
+            await self._check_duplicate_annotation(event, target_id, relates.get("key"))
+
+    async def _check_duplicate_annotation(self, event: Event, target_id: str, key: Any) -> None:
+        if not isinstance(key, str):
+            return
+        ids = await self._db.read(
+            relations_store.live_annotations, event.room_id, target_id, event.sender, event.type
+        )
+        if not ids:
+            return
+        for earlier in (await self._events.get_many(ids)).values():
+            if earlier.redacted_because is not None:
+                continue  # redacted since the query (the cached object knows first)
+            rel = earlier.content.get("m.relates_to")
+            if isinstance(rel, dict) and rel.get("key") == key:
+                raise MatrixError(
+                    "You have already sent this annotation to this event", errcode="M_DUPLICATE_ANNOTATION", status=400
+                )
 
 
 def _as_json(event: Event, now: int, device_key: tuple[str, str] | None, relations: dict[str, Any] | None) -> Any:

@@ -100,3 +100,17 @@ def thread_roots(txn: Txn, room_id: str, user_id: str | None, before: int | None
     outer += " ORDER BY latest DESC LIMIT ?"
     params.append(limit)
     return [(r[0], r[1]) for r in txn.fetchall(outer, params)]
+
+
+def live_annotations(txn: Txn, room_id: str, target: str, sender: str, event_type: str) -> list[str]:
+    """IDs of the sender's unredacted ``m.annotation`` events of ``event_type`` on ``target``.
+
+    The annotation key is event content (encrypted at rest), so callers compare it on
+    the decrypted events; a user has few annotations on one event.
+    """
+    rows = txn.fetchall(
+        "SELECT event_id FROM events WHERE relates_to = ? AND rel_type = 'm.annotation' AND room_id = ? "
+        "AND sender = ? AND type = ? AND redacted_by IS NULL",
+        (target, room_id, sender, event_type),
+    )
+    return [r[0] for r in rows]
