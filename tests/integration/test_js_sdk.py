@@ -4,7 +4,11 @@ Each ``tests/js/*.test.mjs`` file runs against a fresh server (``make_server``, 
 SQLite or PostgreSQL per ``BASTION_TEST_DATABASE``) with accounts registered here
 and handed over in environment variables. The JS tests drive the real SDK: password
 login, ``startClient`` (a real /sync loop), rooms, messages, local echo,
-back-pagination, state and power levels, logout.
+back-pagination, state and power levels, logout; and the everyday messaging features
+(receipts, typing, presence, profiles, account data, relations and threads, search,
+push rules, the room and user directories, devices, deactivation, room upgrades).
+A server administrator, created with ``bastion user add --admin``, is passed too (for
+publishing rooms to the directory).
 
 Node.js >= 20 is needed; dependencies are installed with ``npm ci`` from the
 committed lockfile when ``tests/js/node_modules`` is missing or stale. The tests skip
@@ -18,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import uuid
 
 import pytest
 
@@ -26,6 +31,7 @@ from tests.harness import REPO, ServerProcess
 JS_DIR = REPO / "tests" / "js"
 NODE_TIMEOUT = 300  # seconds for one `node --test` run; each JS test has its own, shorter bounds
 EXTRA_USERS = 5
+ADMIN_PASSWORD = "js-sdk admin password"
 
 JS_TEST_FILES = sorted(p.name for p in JS_DIR.glob("*.test.mjs"))
 
@@ -84,8 +90,17 @@ def js_sdk() -> str:
     return node
 
 
+def _admin_account(srv: ServerProcess) -> str:
+    """A server administrator, made the way operators make one (``bastion user add --admin``)."""
+    name = "jsadmin" + uuid.uuid4().hex[:8]
+    added = srv.cli("user", "add", name, "--admin", "--password-file", "-", input=ADMIN_PASSWORD + "\n")
+    assert added.returncode == 0, f"bastion user add --admin failed:\n{added.stdout}\n{added.stderr}"
+    return f"@{name}:{srv.server_name}"
+
+
 def _accounts_env(srv: ServerProcess) -> dict[str, str]:
     """Register the accounts the JS tests log into, as environment variables."""
+    admin_id = _admin_account(srv)
     hs = srv.client()
     alice = hs.new_user()
     bob = hs.new_user()
@@ -101,6 +116,9 @@ def _accounts_env(srv: ServerProcess) -> dict[str, str]:
         "BASTION_EXTRA_USERS": json.dumps(
             [{"userId": u.user_id, "password": u.password} for u in extras]
         ),
+        # Only the tests that publish rooms to the directory need a server admin.
+        "BASTION_ADMIN_ID": admin_id,
+        "BASTION_ADMIN_PASSWORD": ADMIN_PASSWORD,
     }
 
 

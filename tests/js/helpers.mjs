@@ -255,3 +255,120 @@ export function stopAll(...clients) {
 }
 
 export { sdk };
+
+// ---------------------------------------------------------------------------
+// Shared by the messaging / directory / devices tests.
+
+/**
+ * A server administrator (created with `bastion user add --admin`), or null when
+ * BASTION_ADMIN_ID / BASTION_ADMIN_PASSWORD are not set. Only the tests that need
+ * admin rights (publishing to the room directory) require it.
+ */
+export const ADMIN = process.env.BASTION_ADMIN_ID && process.env.BASTION_ADMIN_PASSWORD
+    ? { userId: process.env.BASTION_ADMIN_ID, password: process.env.BASTION_ADMIN_PASSWORD }
+    : null;
+
+/** A label unique to this run, e.g. for room names, aliases and search terms. */
+export function unique(prefix) {
+    return `${prefix} ${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
+}
+
+/** Wait until `client` has `roomId` with the given membership (via sync). */
+export function waitForMembership(client, roomId, membership) {
+    return waitFor(
+        () => client.getRoom(roomId)?.getMyMembership() === membership,
+        `${client.getUserId()} to see membership '${membership}' in ${roomId} via sync`,
+        { describe: () => describeRoom(client, roomId) },
+    );
+}
+
+/** Wait until `client` sees `userId`'s membership in `roomId` as `membership`. */
+export function waitForMemberOf(client, roomId, userId, membership) {
+    return waitFor(
+        () => client.getRoom(roomId)?.getMember(userId)?.membership === membership,
+        `${client.getUserId()} to see ${userId} as '${membership}' in ${roomId}`,
+        { describe: () => describeRoom(client, roomId) },
+    );
+}
+
+/**
+ * `owner` creates a room (extra createRoom options allowed), invites `guest`,
+ * `guest` joins; both clients see the joined room through their sync loops.
+ */
+export async function sharedRoom(owner, guest, options = {}) {
+    const { room_id: roomId } = await withTimeout(owner.createRoom({ name: unique("Room"), ...options }), "createRoom");
+    await waitForMembership(owner, roomId, "join");
+    await withTimeout(owner.invite(roomId, guest.getUserId()), "invite");
+    await waitForMembership(guest, roomId, "invite");
+    await withTimeout(guest.joinRoom(roomId), "joinRoom");
+    await waitForMembership(guest, roomId, "join");
+    await waitForMemberOf(owner, roomId, guest.getUserId(), "join");
+    return roomId;
+}
+
+/** Wait until `client` has the event `eventId` in `roomId` (main timeline or a thread). */
+export function waitForEvent(client, roomId, eventId) {
+    return waitFor(
+        () => client.getRoom(roomId)?.findEventById(eventId),
+        `${client.getUserId()} to receive ${eventId} in ${roomId}`,
+        { describe: () => describeRoom(client, roomId) },
+    );
+}
+
+/** The joined-room sections the server sent for `roomId`, in the order they arrived. */
+export function rawJoinedRoom(client, roomId) {
+    return client.wire.syncs.map((body) => body?.rooms?.join?.[roomId]).filter(Boolean);
+}
+
+/** All ephemeral events the server sent for `roomId` over the recorded /sync responses. */
+export function rawEphemeral(client, roomId, type) {
+    return rawJoinedRoom(client, roomId)
+        .flatMap((room) => room.ephemeral?.events ?? [])
+        .filter((e) => !type || e.type === type);
+}
+
+/** The latest `unread_notifications` the server sent for `roomId`. */
+export function rawUnread(client, roomId) {
+    const withCounts = rawJoinedRoom(client, roomId).filter((room) => room.unread_notifications);
+    return withCounts.at(-1)?.unread_notifications;
+}
+
+/** The `unread_notifications` the server sent in the /sync response that delivered `eventId`. */
+export function rawUnreadWithEvent(client, roomId, eventId) {
+    const room = rawJoinedRoom(client, roomId).find((r) => (r.timeline?.events ?? []).some((e) => e.event_id === eventId));
+    return room?.unread_notifications;
+}
+
+/** A raw call to a Client-Server endpoint (for endpoints the SDK has no wrapper for). */
+export function rawRequest(client, method, path, { query, body, prefix = sdk.ClientPrefix.V3 } = {}) {
+    return withTimeout(client.http.authedRequest(method, path, query, body, { prefix }), `${method} ${prefix}${path}`);
+}
+
+/**
+ * Drive a request behind user-interactive auth with the SDK's InteractiveAuth,
+ * answering each m.login.password stage from `passwords` in turn (so a wrong
+ * password can be tried first). Returns the request's result and the stages
+ * InteractiveAuth reported (with the server's error, if any, for each).
+ */
+export async function withPasswordAuth(client, doRequest, passwords, what) {
+    const stages = [];
+    const answers = [...passwords];
+    let ia;
+    ia = new sdk.InteractiveAuth({
+        matrixClient: client,
+        doRequest: (auth) => doRequest(auth ?? undefined),
+        stateUpdated: (stage, status) => {
+            stages.push({ stage, errcode: status?.errcode, error: status?.error });
+            if (stage !== sdk.AuthType.Password || answers.length === 0) return;
+            const password = answers.shift();
+            ia.submitAuthDict({
+                type: sdk.AuthType.Password,
+                identifier: { type: "m.id.user", user: client.getUserId() },
+                password,
+            }).catch(() => {});
+        },
+        requestEmailToken: () => Promise.reject(new Error("no e-mail stage expected")),
+    });
+    const result = await withTimeout(ia.attemptAuth(), what);
+    return { result, stages };
+}
