@@ -148,7 +148,9 @@ class ServerProcess:
         return MatrixHttp(self.base_url, self.server_name)
 
 
-def start_server(directory: Path, db: TestDatabase, **overrides: Any) -> ServerProcess:
+def start_server(directory: Path, db: TestDatabase, workers: int | None = None, **overrides: Any) -> ServerProcess:
+    """``bastion init`` + ``bastion serve``; with ``workers`` > 1 (default: BASTION_TEST_WORKERS)
+    a :class:`ClusterProcess` of that many workers, Redis and nginx."""
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = db.new_url(directory)
@@ -170,11 +172,175 @@ def start_server(directory: Path, db: TestDatabase, **overrides: Any) -> ServerP
         "logging": {"level": "INFO"},
         "shutdown_grace_seconds": 5,
     }
+    workers = cluster_workers() if workers is None else workers
+    if workers > 1:
+        defaults["trusted_proxies"] = ["127.0.0.1/32"]
     config = _merge(_merge(config, defaults), overrides)
+    if workers > 1:
+        if not db.is_postgres:
+            raise RuntimeError("BASTION_TEST_WORKERS > 1 needs BASTION_TEST_DATABASE=postgresql://...")
+        cluster = ClusterProcess(directory, config_path, port, url, server_name, log_path=directory / "server.log")
+        cluster.setup(config, workers)
+        cluster.start()
+        return cluster
     config_path.write_text(yaml.safe_dump(config))
     srv = ServerProcess(directory, config_path, port, url, server_name, log_path=directory / "server.log")
     srv.start()
     return srv
+
+
+def cluster_workers() -> int:
+    """``BASTION_TEST_WORKERS=3`` runs every test server as 3 workers + Redis + nginx."""
+    return int(os.environ.get("BASTION_TEST_WORKERS", "1") or "1")
+
+
+NGINX_CONF = """\
+{user}worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/nginx-tmp/body;
+    proxy_temp_path {dir}/nginx-tmp/proxy;
+    fastcgi_temp_path {dir}/nginx-tmp/fastcgi;
+    uwsgi_temp_path {dir}/nginx-tmp/uwsgi;
+    scgi_temp_path {dir}/nginx-tmp/scgi;
+    upstream bastion {{
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 200m;
+        location / {{
+            proxy_pass http://bastion;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_read_timeout 600s;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_next_upstream error timeout http_502 non_idempotent;
+        }}
+    }}
+}}
+"""
+
+
+class ClusterProcess(ServerProcess):
+    """Several ``bastion serve`` workers on one PostgreSQL, with Redis and nginx in front.
+
+    nginx round-robins every *request* over the workers, so each client's requests
+    land on different workers all the time — stricter than spreading clients. ``port``
+    (and so ``base_url``) is nginx's; ``process`` is the first worker.
+    """
+
+    worker_ports: list[int]
+    worker_procs: list[subprocess.Popen[bytes] | None]
+    redis_port: int
+    redis_proc: subprocess.Popen[bytes] | None = None
+    nginx_proc: subprocess.Popen[bytes] | None = None
+
+    def setup(self, config: dict[str, Any], workers: int) -> None:
+        self.worker_ports = [free_port() for _ in range(workers)]
+        self.worker_procs = [None] * workers
+        self.redis_port = free_port()
+        config = _merge(config, {"redis": {"url": f"redis://127.0.0.1:{self.redis_port}/0"}})
+        self.config_path.write_text(yaml.safe_dump(config))
+        tmp = self.directory / "nginx-tmp"
+        tmp.mkdir(exist_ok=True)
+        servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in self.worker_ports)
+        (self.directory / "nginx.conf").write_text(NGINX_CONF.format(
+            user="user root;\n" if os.geteuid() == 0 else "", dir=self.directory, servers=servers, port=self.port,
+        ))
+
+    def _spawn_worker(self, index: int) -> None:
+        log = open(self.log_path, "ab")
+        self.worker_procs[index] = subprocess.Popen(
+            [sys.executable, "-m", "bastion", "serve", "--config", str(self.config_path),
+             "--port", str(self.worker_ports[index]), "--worker-index", str(index)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.directory, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def _wait_healthy(self, url: str, proc: subprocess.Popen[bytes] | None) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{url} did not become healthy:\n{self.log()}")
+
+    def start_redis(self) -> None:
+        if self.redis_proc is None or self.redis_proc.poll() is not None:
+            self.redis_proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", self.redis_port)) == 0:
+                        return
+                time.sleep(0.02)
+            raise RuntimeError("redis-server did not start")
+
+    def stop_redis(self) -> None:
+        if self.redis_proc is not None and self.redis_proc.poll() is None:
+            self.redis_proc.terminate()
+            self.redis_proc.wait(10)
+
+    def start_worker(self, index: int) -> None:
+        self._spawn_worker(index)
+        self._wait_healthy(f"http://127.0.0.1:{self.worker_ports[index]}/health", self.worker_procs[index])
+
+    def kill_worker(self, index: int) -> None:
+        proc = self.worker_procs[index]
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def start(self) -> None:
+        self.start_redis()
+        # The first worker migrates the database; the others start once it is up.
+        self.start_worker(0)
+        for index in range(1, len(self.worker_ports)):
+            self._spawn_worker(index)
+        for index in range(1, len(self.worker_ports)):
+            self._wait_healthy(f"http://127.0.0.1:{self.worker_ports[index]}/health", self.worker_procs[index])
+        self.process = self.worker_procs[0]
+        if self.nginx_proc is None or self.nginx_proc.poll() is not None:
+            self.nginx_proc = subprocess.Popen(
+                ["nginx", "-p", str(self.directory), "-c", str(self.directory / "nginx.conf")],
+                stdout=subprocess.DEVNULL, stderr=open(self.directory / "nginx-error.log", "ab"),
+            )
+        self._wait_healthy(self.base_url + "/health", self.nginx_proc)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        codes = []
+        for proc in self.worker_procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(sig)
+        for proc in self.worker_procs:
+            if proc is None:
+                continue
+            try:
+                codes.append(proc.wait(timeout))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+        if self.nginx_proc is not None and self.nginx_proc.poll() is None:
+            self.nginx_proc.terminate()
+            self.nginx_proc.wait(10)
+        self.stop_redis()
+        return next((c for c in codes if c), codes[0] if codes else None)
 
 
 class MatrixError(Exception):

@@ -14,12 +14,26 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import secrets
 from typing import Any
 
+from bastion import gc_tuning
 from bastion.api.http import MatrixApp, Request, RouteTable
+from bastion.cluster.bus import RedisBus
+from bastion.cluster.replication import Replicator, StreamHandler
+from bastion.cluster.single import claim_single_process, release_single_process
 from bastion.core.ids import is_valid_room_alias
 from bastion.core.signing import SigningKey
 from bastion.errors import BadJson, ConfigError, MatrixError
+from bastion.security.crypto import (
+    CommandKeyProvider,
+    EnvKeyProvider,
+    FileKeyProvider,
+    IntegrityError,
+    KeyProvider,
+    suite_available,
+)
+from bastion.security.keyring import Keyring
 from bastion.security.passwords import PasswordHasher
 from bastion.services.account_data import AccountDataService
 from bastion.services.accounts import AccountService
@@ -37,6 +51,7 @@ from bastion.services.media_store import LocalMediaStore
 from bastion.services.persister import EventPersister
 from bastion.services.presence import PresenceService
 from bastion.services.profiles import ProfileService
+from bastion.services.purge import PurgeService
 from bastion.services.push import PusherService, PushRulesService
 from bastion.services.receipts import ReceiptsService
 from bastion.services.relations import Bundler, RelationsService
@@ -50,16 +65,15 @@ from bastion.services.typing import TypingService
 from bastion.services.url_preview import UrlPreviewService
 from bastion.settings import Settings
 from bastion.storage import accounts as accounts_store
-from bastion.storage import e2e as e2e_store
 from bastion.storage import events as events_store
-from bastion.storage import receipts as receipts_store
-from bastion.storage import rooms as rooms_store
+from bastion.storage import streams as streams_store
 from bastion.storage.database import Database, open_database
 from bastion.storage.migrate import migrate
 from bastion.streams.notifier import Notifier
-from bastion.streams.tokens import StreamToken
+from bastion.streams.tokens import StreamToken, durable_positions
 
 log = logging.getLogger(__name__)
+
 
 LAST_SEEN_FLUSH_S = 30.0
 
@@ -80,24 +94,95 @@ def password_hasher(settings: Settings) -> PasswordHasher:
     return PasswordHasher(cost.time_cost, cost.memory_kib, cost.parallelism)
 
 
+def key_provider(settings: Settings) -> KeyProvider:
+    enc = settings.encryption
+    if enc.key_provider == "file":
+        if enc.key_file is None:
+            raise ConfigError("config key 'encryption.key_file': required (bastion init writes one), or set encryption.enabled: false")
+        return FileKeyProvider(enc.key_file)
+    if enc.key_provider == "env":
+        return EnvKeyProvider(enc.key_env)
+    return CommandKeyProvider(list(enc.key_command))
+
+
+def build_keyring(settings: Settings) -> Keyring | None:
+    enc = settings.encryption
+    if not enc.enabled:
+        return None
+    if not suite_available(enc.cipher):
+        raise ConfigError(f"config key 'encryption.cipher': {enc.cipher} is not available in this OpenSSL build")
+    provider = key_provider(settings)
+    return Keyring(provider.load(), enc.cipher, provider=provider)
+
+
+def _check_keys(txn: Any, keyring: Keyring | None) -> None:
+    """Refuse to start with the wrong key: never serve garbage, never mix keys."""
+    check = txn.fetchval("SELECT value FROM server_meta WHERE key = 'kek_check'")
+    encrypted = txn.fetchval("SELECT value FROM server_meta WHERE key = 'encryption'")
+    if keyring is None:
+        if encrypted == "on":
+            raise ConfigError("config key 'encryption.enabled': this database holds encrypted data; encryption must stay enabled")
+        return
+    if check is None:
+        txn.execute("INSERT INTO server_meta (key, value) VALUES ('kek_check', ?)", (keyring.kek_check_value(),))
+        txn.execute(
+            "INSERT INTO server_meta (key, value) VALUES ('encryption', 'on') ON CONFLICT (key) DO UPDATE SET value = 'on'"
+        )
+        return
+    if not keyring.matches_check(check):
+        raise ConfigError(
+            "encryption key mismatch: the configured key-encryption key is not the one this database's data keys "
+            "are wrapped with (wrong key file, or a key rotated away); refusing to start"
+        )
+    row = txn.fetchone(
+        "SELECT id, scope, scope_id, version, suite, wrapped, kek_id FROM encryption_keys "
+        "WHERE state <> 'destroyed' ORDER BY id DESC LIMIT 1"
+    )
+    if row is not None:
+        try:
+            keyring._unwrap(row)
+        except IntegrityError as exc:
+            raise ConfigError(f"encryption key mismatch: {exc}; refusing to start") from None
+    if encrypted != "on":
+        txn.execute(
+            "INSERT INTO server_meta (key, value) VALUES ('encryption', 'on') ON CONFLICT (key) DO UPDATE SET value = 'on'"
+        )
+
+
 def open_migrated_database(settings: Settings) -> Database:
     url = settings.database.resolved_url()
+    keyring = build_keyring(settings)
     migrate(url)
-    return open_database(
+    db = open_database(
         url,
         pool_size=settings.database.pool_size,
         sqlite_synchronous=settings.database.sqlite_synchronous,
         sqlite_readers=settings.database.sqlite_readers,
     )
+    try:
+        db.run_sync(_check_keys, keyring)
+    except BaseException:
+        import asyncio as _asyncio
+
+        _asyncio.run(db.close())
+        raise
+    db.crypto = keyring
+    return db
 
 
 def _initial_positions(txn: Any) -> StreamToken:
+    from bastion.clock import now_ms
+
+    durable = streams_store.positions(txn)
+    ephemeral = now_ms()  # typing and presence positions are clock-based (shared by workers)
     return StreamToken(
-        events=events_store.max_stream_ordering(txn),
-        account_data=rooms_store.max_account_data_stream(txn),
-        receipts=receipts_store.max_receipt_stream(txn),
-        to_device=e2e_store.max_to_device_stream(txn),
-        device_lists=e2e_store.max_device_list_stream(txn),
+        events=durable["events"],
+        account_data=durable["account_data"],
+        receipts=durable["receipts"],
+        typing=ephemeral,
+        presence=ephemeral,
+        to_device=durable["to_device"],
+        device_lists=durable["device_lists"],
     )
 
 
@@ -109,11 +194,15 @@ class Homeserver:
         self.db = db
         self.signing_key = signing_key
         server_name = settings.server_name
+        self.instance_id = secrets.token_hex(8)
         self.notifier = Notifier(positions)
+        self.replicator = Replicator(db, durable_positions(positions), clustered=settings.redis.resolved_url() is not None)
+        self.bus: RedisBus | None = None
+        self._single_lock: Any = None
         self.event_cache = EventCache(db)
         self.room_cache = RoomCache(db, self.event_cache)
         self.memberships = MembershipIndex(db)
-        self.persister = EventPersister(db, self.event_cache, self.room_cache, self.memberships, self.notifier, positions.events)
+        self.persister = EventPersister(db, self.event_cache, self.room_cache, self.memberships, self.notifier, self.replicator)
         self.events = EventService(
             server_name=server_name,
             signing_key=signing_key,
@@ -122,6 +211,7 @@ class Homeserver:
             events=self.event_cache,
             persister=self.persister,
         )
+        self.events.replicator = self.replicator
         self.aliases = AliasService(server_name, db, self.events)
         self.events.validators.append(self._validate_canonical_alias)
         self.directory = DirectoryService(
@@ -154,14 +244,13 @@ class Homeserver:
         self.relations = RelationsService(db, self.event_cache, self.reads, self.bundler)
         self.events.validators.append(self.relations.validate_new_event)
         self.search = SearchService(db, self.room_cache, self.event_cache, self.memberships, self.reads, self.bundler)
-        self.account_data = AccountDataService(db, self.notifier, positions.account_data)
-        self.receipts = ReceiptsService(db, self.room_cache, self.event_cache, self.notifier, self.account_data, positions.receipts)
+        self.account_data = AccountDataService(db, self.notifier, self.replicator)
+        self.receipts = ReceiptsService(db, self.room_cache, self.event_cache, self.notifier, self.account_data, self.replicator)
         self.typing = TypingService(self.room_cache, self.notifier)
-        self.keys = KeysService(
-            db, server_name, self.room_cache, self.memberships, self.notifier, positions.device_lists, positions.to_device
-        )
+        self.keys = KeysService(db, server_name, self.room_cache, self.memberships, self.notifier, self.replicator)
         self.key_backup = KeyBackupService(db)
         self.push_rules = PushRulesService(db, self.room_cache, self.memberships, self.receipts, self.account_data)
+        self.events.persist_hooks.append(self.push_rules.decide)  # push actions, in the event's transaction
         self.pushers = PusherService(db, self.push_rules, self.room_cache, list(settings.push.gateway_url_prefixes))
         self.persister.listeners.append(self.pushers.on_persisted)
         self.presence = PresenceService(
@@ -228,9 +317,16 @@ class Homeserver:
         )
         self.deactivation = DeactivationService(db, self.auth, self.rooms, self.memberships)
         self.signals = SignalPoller(db)
+        self.purge = PurgeService(db, self.rooms, self.room_cache, self.event_cache, self.memberships, settings.server_name)
+        self.deactivation.erase_hooks.append(self.purge.erase_user)
+        self.deactivation.erase_hooks.append(self.media.delete_user_media)
+        self.signals.on("room_purged", self.purge.room_purged_elsewhere)
+        self.signals.on("user_erased", self._user_erased_elsewhere)
         self.auth.device_hooks.append(self.keys.device_deleted)
         self.signals.on("deactivated", self._user_logged_out_elsewhere)
         self.signals.on("user_tokens", self._user_logged_out_elsewhere)
+        self.signals.on("keys_rotated", self._keys_rotated)
+        self.signals.on("kek_rotated", self._kek_rotated)
         self.persister.listeners.append(self._after_persist)
         self._tasks: list[asyncio.Task[Any]] = []
         self._trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies]
@@ -241,6 +337,21 @@ class Homeserver:
         await self.keys.device_deleted(user_id, [])
         if await self.db.read(accounts_store.is_pending_deactivation, user_id):
             await self.deactivation.finish(user_id)
+
+    def _keys_rotated(self, _scope: str) -> None:
+        """``bastion keys rotate`` started new data keys: encrypt new data with them."""
+        if self.db.crypto is not None:
+            self.db.crypto.forget_active()
+
+    async def _kek_rotated(self, _kek_id: str) -> None:
+        keyring = self.db.crypto
+        if keyring is not None and keyring.provider is not None:
+            keyring.reload(await asyncio.to_thread(keyring.provider.load))
+
+    def _user_erased_elsewhere(self, user_id: str) -> None:
+        if self.db.crypto is not None:
+            self.db.crypto.forget_scope("user", user_id)
+            self.db.crypto.forget_destroyed()
 
     async def _ignored_users(self, user_id: str) -> frozenset[str]:
         return await self.account_data.ignored_users(user_id)
@@ -274,15 +385,75 @@ class Homeserver:
         loop = asyncio.get_running_loop()
         signing_key = load_signing_key(settings)
         db = await loop.run_in_executor(None, open_migrated_database, settings)
+        single_lock = await loop.run_in_executor(None, claim_single_process, settings, db)
         positions = await db.read(_initial_positions)
         hs = cls(settings, db, signing_key, positions)
+        hs._single_lock = single_lock
+        hs._register_streams()
+        redis_url = settings.redis.resolved_url()
+        if redis_url is not None:
+            hs.bus = RedisBus(redis_url, hs.instance_id)
+            hs.replicator.attach_bus(hs.bus)
+            hs._attach_bus(hs.bus)
+            await hs.bus.start()
+        await hs.replicator.start()
         await hs.signals.start()
+        hs._register_metrics()
+        gc_tuning.install()
+        hs._tasks.append(asyncio.create_task(gc_tuning.periodic_full_collection(), name="gc"))
         hs._tasks.append(asyncio.create_task(hs._periodic(), name="periodic"))
         hs._tasks.append(asyncio.create_task(hs.deactivation.finish_pending(), name="pending-deactivations"))
+        hs._tasks.append(asyncio.create_task(hs.push_rules.move_staged_rows(), name="push-actions"))
         hs.presence.start()
         await hs.pushers.start()
         log.info("Bastion ready for %s (stream position %d)", settings.server_name, positions.events)
         return hs
+
+    def _register_metrics(self) -> None:
+        from bastion import metrics
+
+        metrics.SYNC_WAITING.set_function(lambda: self.notifier.waiting_count)
+        stats = getattr(self.db, "pool_stats", None)
+        if stats is not None:
+            metrics.DB_POOL_IN_USE.set_function(lambda: stats().get("in_use", 0))
+            metrics.DB_POOL_SIZE.set_function(lambda: stats().get("size", 0))
+
+    def _register_streams(self) -> None:
+        """How each durable stream's changes by other workers reach this worker's views."""
+        self.replicator.register("events", StreamHandler(events_store.events_in_range, self.persister.apply_remote))
+        self.account_data.remote_change_hooks.append(self._account_data_changed_elsewhere)
+        self.replicator.register("account_data", StreamHandler(AccountDataService.load_changes, self.account_data.apply_remote))
+        self.replicator.register("receipts", StreamHandler(ReceiptsService.load_changes, self.receipts.apply_remote))
+        self.replicator.register("to_device", StreamHandler(KeysService.load_to_device, self.keys.apply_remote_to_device))
+        self.replicator.register(
+            "device_lists", StreamHandler(KeysService.load_device_list_changes, self.keys.apply_remote_device_lists)
+        )
+
+    def _attach_bus(self, bus: RedisBus) -> None:
+        """Ephemeral state and cache invalidations that travel only on the bus."""
+        self.typing.bus = bus
+        self.presence.bus = bus
+        self.auth.bus = bus
+        self.pushers.bus = bus
+        self.rooms.bus = bus
+        self.media.limiter.bus = bus
+        self.auth.cache_ttl_s = 0.0  # a token revoked on another worker must fail on the very next request
+        bus.on_message(self.typing.on_bus)
+        bus.on_message(self.presence.on_bus)
+        bus.on_message(self.auth.on_bus)
+        bus.on_message(self._on_bus)
+
+    async def _on_bus(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "signals":
+            await self.signals.poll_once()  # the CLI changed something
+        elif kind == "pushers":
+            await self.pushers.start()  # reload who has pushers
+        elif kind == "forgotten" and isinstance(data.get("u"), str) and isinstance(data.get("r"), str):
+            self.memberships.set_forgotten(data["u"], data["r"])
+
+    def _account_data_changed_elsewhere(self, user_id: str, room_id: str, data_type: str) -> None:
+        if data_type == "m.push_rules" and not room_id:
+            self.push_rules.forget_user(user_id)
 
     async def _periodic(self) -> None:
         from bastion.clock import now_ms
@@ -313,6 +484,9 @@ class Homeserver:
     async def close(self) -> None:
         self.notifier.shutdown()
         await self.persister.flush()
+        await self.replicator.close()
+        if self.bus is not None:
+            await self.bus.close()
         await self.presence.stop()
         await self.pushers.close()
         self.media.close()
@@ -326,12 +500,15 @@ class Homeserver:
         with contextlib.suppress(Exception):
             await self.auth.flush_last_seen()
         self.passwords.close()
+        gc_tuning.uninstall()
+        release_single_process(self._single_lock)
         await self.db.close()
 
 
 def build_routes() -> RouteTable:
     from bastion.api.admin import media as admin_media
     from bastion.api.admin import register as admin_register
+    from bastion.api.admin import rooms as admin_rooms
     from bastion.api.client import (
         account,
         directory,
@@ -349,7 +526,7 @@ def build_routes() -> RouteTable:
     routes = RouteTable()
     modules = (
         discovery, account, rooms, sync, profile, ephemeral, directory, relations, push, keys, media,
-        admin_register, admin_media,
+        admin_register, admin_media, admin_rooms,
     )
     for module in modules:
         module.register(routes)

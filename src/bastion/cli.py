@@ -62,7 +62,13 @@ def main() -> None:
 @click.option("--bind", "bind_host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--database-url", default=None, help="postgresql://user:pass@host/db (default: SQLite in the data dir).")
 @click.option("--registration-shared-secret", default=None, help="Enable Synapse-style shared-secret registration.")
-@click.option("--force", is_flag=True, help="Overwrite an existing config file.")
+@click.option(
+    "--key-file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to keep the key-encryption key (default: kek.json next to the config file, outside the data dir).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing config file (an existing key file is kept).")
 def init(
     config_path: Path,
     server_name: str,
@@ -71,16 +77,19 @@ def init(
     bind_host: str,
     database_url: str | None,
     registration_shared_secret: str | None,
+    key_file: Path | None,
     force: bool,
 ) -> None:
-    """Write a complete configuration with fresh secrets, and the signing key."""
+    """Write a complete configuration with fresh secrets, the signing key and the encryption key."""
     from bastion.core.signing import SigningKey
+    from bastion.security.crypto import FileKeyProvider, KeySet, new_kek
     from bastion.settings import parse_settings
 
     if config_path.exists() and not force:
         raise click.ClickException(f"{config_path} already exists; use --force to overwrite it")
     data_dir = data_dir.resolve()
     signing_key_path = data_dir / "signing.key"
+    key_path = (key_file or config_path.parent / "kek.json").resolve()
     config: dict[str, Any] = {
         "server_name": server_name,
         "data_dir": str(data_dir),
@@ -88,6 +97,7 @@ def init(
         "listen": {"host": bind_host, "port": port},
         "database": {"url": database_url or f"sqlite:///{data_dir / 'bastion.db'}"},
         "registration": {"enabled": False, "require_token": True},
+        "encryption": {"enabled": True, "cipher": "aes-256-gcm", "key_provider": "file", "key_file": str(key_path)},
     }
     if registration_shared_secret is not None:
         config["registration"]["shared_secret"] = registration_shared_secret
@@ -99,6 +109,16 @@ def init(
     os.chmod(data_dir, 0o700)
     if not signing_key_path.exists():
         SigningKey.generate().write(signing_key_path)
+    if not key_path.exists():
+        # Never replaced by init: losing the KEK makes every encrypted row unreadable.
+        FileKeyProvider(key_path).store(KeySet(new_kek()))
+        click.echo(f"Wrote the key-encryption key to {key_path} (mode 0600). Back it up apart from the database.")
+    if key_path.is_relative_to(data_dir):
+        click.echo(
+            "Warning: the key file is inside the data directory; a copy of that directory then holds both "
+            "the ciphertext and its key.",
+            err=True,
+        )
     config_path.parent.mkdir(parents=True, exist_ok=True)
     text = (
         "# Bastion configuration, written by 'bastion init'. Every key: docs/configuration.md\n"
@@ -118,7 +138,13 @@ def init(
 @CONFIG_OPTION
 @click.option("--host", default=None, help="Override listen.host.")
 @click.option("--port", default=None, type=click.IntRange(1, 65535), help="Override listen.port.")
-def serve(config_path: Path, host: str | None, port: int | None) -> None:
+@click.option(
+    "--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+    help="Worker processes sharing the listening socket (more than 1 needs PostgreSQL and redis.url).",
+)
+@click.option("--fd", default=None, type=int, hidden=True, help="Serve on this inherited socket (used by --workers).")
+@click.option("--worker-index", default=0, type=click.IntRange(0, 255), help="This worker's number (its metrics port is metrics.listen.port + index).")
+def serve(config_path: Path, host: str | None, port: int | None, workers: int, fd: int | None, worker_index: int) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT."""
     import uvicorn
 
@@ -128,8 +154,25 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
     _setup_logging(settings.logging.level)
     try:
         load_signing_key(settings)
+        if workers > 1:
+            if settings.database.dialect != "postgres":
+                raise ConfigError("--workers: several workers need PostgreSQL (database.url); SQLite serves one process")
+            if settings.redis.resolved_url() is None:
+                raise ConfigError("--workers: several workers need redis.url (the bus between them)")
     except ConfigError as exc:
         raise click.ClickException(f"bad configuration in {config_path}:\n{exc}") from None
+    if workers > 1:
+        from bastion.cluster.supervisor import supervise
+
+        raise SystemExit(supervise(config_path, host or settings.listen.host, port or settings.listen.port, workers,
+                                   settings.shutdown_grace_seconds))
+    if settings.metrics.enabled:
+        from bastion import metrics
+
+        try:
+            metrics.serve(settings.metrics.listen.host, settings.metrics.listen.port + worker_index)
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen for metrics on port {settings.metrics.listen.port + worker_index}: {exc}") from None
     app = create_app(settings)
 
     class Server(uvicorn.Server):
@@ -160,7 +203,13 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
 
     async def run() -> None:
         server._bastion_loop = asyncio.get_running_loop()  # type: ignore[attr-defined]
-        await server.serve()
+        if fd is not None:
+            import socket
+
+            # The supervisor's listening socket, shared by every worker (the kernel spreads connections).
+            await server.serve(sockets=[socket.socket(fileno=fd)])
+        else:
+            await server.serve()
 
     if config.loop == "uvloop":
         import uvloop
@@ -198,6 +247,22 @@ def _run_with_db(config_path: Path, fn: Any) -> Any:
         return fn(settings, db)
     finally:
         asyncio.run(db.close())
+        _nudge_workers(settings)
+
+
+def _nudge_workers(settings: Any) -> None:
+    """Running workers poll for CLI changes every second; with Redis, tell them at once."""
+    url = settings.redis.resolved_url()
+    if url is None:
+        return
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        client.publish("bastion:bus", b'{"i": "cli", "k": "signals"}')
+        client.close()
+    except Exception:  # the workers' own polling still picks the change up
+        pass
 
 
 @main.group()
@@ -356,3 +421,124 @@ def check_config(config_path: Path) -> None:
     """Validate a configuration file and exit."""
     _load(config_path)
     click.echo("Configuration is valid.")
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """Encryption-at-rest keys: status, data-key rotation, key-encryption-key rotation."""
+
+
+def _keys_db(config_path: Path) -> tuple[Any, Any, Any]:
+    from bastion.app import key_provider, open_migrated_database
+
+    settings = _load(config_path)
+    if not settings.encryption.enabled:
+        raise click.ClickException("encryption at rest is disabled in this configuration (encryption.enabled: false)")
+    try:
+        db = open_migrated_database(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    return settings, db, key_provider(settings)
+
+
+@keys.command("status")
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def keys_status(config_path: Path, as_json: bool) -> None:
+    """Show key versions, ages and how much data each key covers."""
+    import json
+
+    from bastion import keytool
+
+    _settings, db, provider = _keys_db(config_path)
+    try:
+        report = keytool.status(db, provider)
+    finally:
+        asyncio.run(db.close())
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    kek = report["kek"]
+    click.echo(f"Cipher: {report['cipher']}")
+    click.echo(f"Key-encryption key: {kek['primary']} ({kek['provider']}); older keys still configured: {len(kek['others'])}")
+    click.echo(f"KEKs wrapping data keys: {', '.join(kek['wrapping_keks_in_use']) or '-'}")
+    for scope, states in sorted(report["deks"].items()):
+        age = report["oldest_active_dek_age_days"].get(scope)
+        parts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        click.echo(f"Data keys ({scope}): {parts}" + (f"; oldest active {age} days" if age is not None else ""))
+    click.echo(f"{'column':34} {'rows':>9} {'newest key':>11} {'older key':>10} {'plaintext':>10} {'unreadable':>10}")
+    for c in report["columns"]:
+        click.echo(
+            f"{c['column']:34} {c['rows']:>9} {c['active_key']:>11} {c['old_key']:>10} {c['plaintext']:>10} {c['unreadable']:>10}"
+        )
+    job = report["rotation_in_progress"]
+    if job:
+        click.echo(f"Rotation in progress ({job['scope']} {job.get('scope_id') or ''}); resume with 'bastion keys rotate'.")
+
+
+@keys.command("rotate")
+@CONFIG_OPTION
+@click.option("--room", "room_id", default=None, help="Rotate one room's data key.")
+@click.option("--user", "user_id", default=None, help="Rotate one user's data key.")
+@click.option("--all", "all_scopes", is_flag=True, help="Rotate every room's and user's data key.")
+@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000))
+def keys_rotate(config_path: Path, room_id: str | None, user_id: str | None, all_scopes: bool, batch: int) -> None:
+    """Start new data keys and re-encrypt old data under them, while the server runs.
+
+    Without --room/--user/--all, resumes an interrupted rotation.
+    """
+    from bastion import keytool
+
+    chosen = [x for x in (room_id, user_id, all_scopes or None) if x]
+    if len(chosen) > 1:
+        raise click.ClickException("choose one of --room, --user and --all")
+    _settings, db, _provider = _keys_db(config_path)
+    try:
+        job = keytool.pending_job(db)
+        if chosen:
+            if job is not None:
+                raise click.ClickException("a rotation is already in progress; run 'bastion keys rotate' alone to resume it")
+            scope = "room" if room_id else "user" if user_id else "all"
+            job = keytool.start_rotation(db, scope, room_id or user_id)
+            click.echo(f"New data keys are active for {room_id or user_id or 'every room and user'}; re-encrypting old data.")
+        elif job is None:
+            raise click.ClickException("nothing to resume; choose --room ID, --user ID or --all")
+        else:
+            click.echo(f"Resuming the rotation of {job.scope_id or job.scope} (pass {job.passes + 1}).")
+        total = keytool.rows_to_scan(db, job)
+        with click.progressbar(length=total, label="Re-encrypting", file=sys.stderr) as bar:
+            rewritten = keytool.run_rotation(db, job, batch=batch, progress=bar.update)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        asyncio.run(db.close())
+    click.echo(f"Done: {sum(rewritten.values())} values re-encrypted; old key versions are kept for reading backups of this database.")
+
+
+@keys.command("rotate-kek")
+@CONFIG_OPTION
+def keys_rotate_kek(config_path: Path) -> None:
+    """Re-wrap every data key under a new key-encryption key, while the server runs."""
+    from bastion import keytool
+
+    _settings, db, provider = _keys_db(config_path)
+    try:
+        if not provider.can_store() and not provider.load().others:
+            raise click.ClickException(
+                "this key provider cannot be changed by Bastion: configure the new KEK as primary and the old one as "
+                "previous (see docs/security/encryption-at-rest.md), then run rotate-kek again"
+            )
+        with click.progressbar(length=0, label="Re-wrapping data keys", file=sys.stderr) as bar:
+            new_id = keytool.rotate_kek(db, provider, progress=bar.update)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        asyncio.run(db.close())
+    click.echo(f"Every data key is now wrapped by key-encryption key {new_id}.")
+    if provider.can_store():
+        click.echo("The old key-encryption key was removed from the key file; back up the new key file now.")
+    else:
+        click.echo("You may now remove the previous key from the key provider.")

@@ -160,6 +160,42 @@ class UrlPreviewSettings(_Section):
         return value
 
 
+class EncryptionSettings(_Section):
+    """Encryption at rest (docs/security/encryption-at-rest.md)."""
+
+    enabled: bool = True
+    cipher: Literal["aes-256-gcm", "sm4-gcm"] = "aes-256-gcm"
+    key_provider: Literal["file", "env", "command"] = "file"
+    key_file: Path | None = None
+    key_env: str = "BASTION_KEK"
+    key_command: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _provider(self) -> EncryptionSettings:
+        if self.enabled and self.key_provider == "file" and self.key_file is None:
+            raise ValueError("set 'key_file' (bastion init writes one) or choose another key_provider")
+        if self.enabled and self.key_provider == "command" and not self.key_command:
+            raise ValueError("set 'key_command' for key_provider 'command'")
+        return self
+
+
+class RedisSettings(_Section):
+    """The bus between worker processes (docs/deployment.md)."""
+
+    url: str | None = None
+    url_file: Path | None = None
+
+    def resolved_url(self) -> str | None:
+        if self.url_file is not None:
+            return self.url_file.read_text().strip() or None
+        return self.url
+
+
+class MetricsSettings(_Section):
+    enabled: bool = False
+    listen: ListenSettings = Field(default_factory=lambda: ListenSettings(host="127.0.0.1", port=9108))
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = False
@@ -183,6 +219,9 @@ class Settings(_Section):
     presence: PresenceSettings = Field(default_factory=PresenceSettings)
     push: PushSettings = Field(default_factory=PushSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     url_preview: UrlPreviewSettings = Field(default_factory=UrlPreviewSettings)
     room_directory: RoomDirectorySettings = Field(default_factory=RoomDirectorySettings)
     user_directory: UserDirectorySettings = Field(default_factory=UserDirectorySettings)

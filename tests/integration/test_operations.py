@@ -10,9 +10,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import yaml
 
-from tests.harness import MatrixHttp, ServerProcess
+from tests.harness import MatrixHttp, ServerProcess, free_port
 
 
 def test_acknowledged_events_survive_sigkill_and_txn_ids_persist(make_server) -> None:
@@ -167,3 +168,22 @@ def test_server_restart_keeps_sync_tokens_valid(make_server) -> None:
     sync = alice.sync(since=since)
     bodies = [e["content"]["body"] for e in sync["rooms"]["join"][room]["timeline"]["events"]]
     assert len(bodies) == 1 and bodies[0].startswith("after restart")
+
+
+def test_readiness_and_metrics_on_their_own_listener(make_server) -> None:
+    metrics_port = free_port()
+    srv: ServerProcess = make_server(metrics={"enabled": True, "listen": {"host": "127.0.0.1", "port": metrics_port}})
+    ready = httpx.get(srv.base_url + "/ready")
+    assert ready.status_code == 200 and ready.json()["database"] == "ok"
+    alice = srv.client().register()
+    room = alice.create_room()
+    alice.send(room, "counted")
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    # Labelled by route template, never by raw path (no room IDs or tokens in labels).
+    assert any(line.startswith("bastion_http_requests_total{") and 'status="200"' in line
+               and "/send/{eventType}/{txnId}" in line and 'method="PUT"' in line
+               for line in text.splitlines()), text[:2000]
+    assert "bastion_event_persist_seconds_count" in text and "bastion_sync_waiting" in text
+    assert room not in text
+    # Not on the public listener.
+    assert httpx.get(srv.base_url + "/metrics").status_code == 404

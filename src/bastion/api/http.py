@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from urllib.parse import parse_qs, unquote
 
 import orjson
 
+from bastion import metrics
 from bastion.errors import (
     BadJson,
     InvalidParam,
@@ -38,6 +40,8 @@ from bastion.errors import (
     TooLarge,
     Unrecognized,
 )
+from bastion.security.crypto import IntegrityError
+from bastion.services.requester import current_client
 
 log = logging.getLogger("bastion.http")
 
@@ -256,6 +260,7 @@ class Route:
     handler: Handler
     auth: bool
     admin_only_network: bool
+    template: str = ""
 
 
 _PARAM_RE = re.compile(r"\{([A-Za-z_]+)(?::([^}]+))?(\?)?\}")
@@ -295,7 +300,7 @@ class RouteTable:
 
     def add(self, method: str, template: str, handler: Handler, *, auth: bool = True, admin_network: bool = False) -> None:
         regex, names = compile_path(template)
-        self.routes.append(Route(method, regex, names, handler, auth, admin_network))
+        self.routes.append(Route(method, regex, names, handler, auth, admin_network, template))
 
     def match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
         """(route, params, path_known). path_known is True if another method matches."""
@@ -398,8 +403,12 @@ class MatrixApp:
         except UnicodeDecodeError:
             path = raw_path.decode("latin-1")
         response: Response | StreamResponse | dict[str, Any]
+        started = time.perf_counter()
+        endpoint = "unmatched"
         try:
             route, params, known = self._routes.match(method, path)
+            if route is not None:
+                endpoint = route.template
             if route is None:
                 if known:
                     raise Unrecognized("Method not allowed for this endpoint", status=405)
@@ -408,11 +417,15 @@ class MatrixApp:
             if route.admin_only_network and not self._in_admin_network(ip):
                 raise Unrecognized("Unrecognized request")
             req = Request(scope, receive, params, self.hs, ip)
+            current_client.set((ip, req.header(b"user-agent")))
             if route.auth:
                 token = req.access_token
                 if token is None:
                     raise MissingToken("Missing access token")
                 req.requester = await self.hs.auth.authenticate(token, ip, req.header(b"user-agent"))
+                if self.hs.replicator.clustered:
+                    # Several workers: see every write committed before this request (read-your-writes).
+                    await self.hs.replicator.barrier()
             response = await route.handler(req)
         except MatrixError as exc:
             response = Response(orjson.dumps(exc.to_dict()), exc.status)
@@ -424,18 +437,33 @@ class MatrixApp:
             return
         except UnicodeDecodeError:
             response = Response(orjson.dumps({"errcode": "M_INVALID_PARAM", "error": "Invalid percent-encoding in the path"}), 400)
+        except IntegrityError as exc:
+            # Stored ciphertext failed authentication: tampering, a row moved, or a destroyed key.
+            ref = secrets.token_hex(6)
+            log.error("integrity check failed handling %s %s (ref %s): %s", method, scope.get("path"), ref, exc)
+            response = Response(orjson.dumps({
+                "errcode": "M_UNKNOWN",
+                "error": f"Stored data failed its integrity check and was not served (ref {ref})",
+            }), 500)
         except Exception:
             ref = secrets.token_hex(6)
             log.exception("unhandled error handling %s %s (ref %s)", method, scope.get("path"), ref)
             response = Response(orjson.dumps({"errcode": "M_UNKNOWN", "error": f"Internal server error (ref {ref})"}), 500)
         if isinstance(response, StreamResponse):
+            _observe(method, endpoint, response.status, started)
             await _send_stream(send, response)
             return
         if isinstance(response, dict):
             response = Response(orjson.dumps(response))
+        _observe(method, endpoint, response.status, started)
         if self._access_log:
             log.info("%s %s %d", method, scope.get("path"), response.status)
         await _send(send, response.status, response.body, response.headers)
+
+
+def _observe(method: str, endpoint: str, status: int, started: float) -> None:
+    metrics.REQUESTS.labels(method, endpoint, str(status)).inc()
+    metrics.REQUEST_SECONDS.labels(method, endpoint).observe(time.perf_counter() - started)
 
 
 async def _send_stream(send: Callable[..., Any], response: StreamResponse) -> None:
@@ -446,6 +474,16 @@ async def _send_stream(send: Callable[..., Any], response: StreamResponse) -> No
     try:
         async for chunk in response.chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except Exception as exc:
+        # The status line has gone out: the only honest answer left is to abort the
+        # transfer. Returning without the final body message makes uvicorn close the
+        # connection, so the client sees a body cut short of Content-Length, never a
+        # complete-looking one.
+        if isinstance(exc, IntegrityError):
+            log.error("aborted a streamed response: stored data failed its integrity check: %s", exc)
+        else:
+            log.exception("aborted a streamed response after an error")
+        return
     finally:
         close = getattr(response.chunks, "aclose", None)
         if close is not None:

@@ -390,3 +390,12 @@ def event_from_stored(
 
 def serialise_events(events: Iterable[Event], now_ms: int, device_key: tuple[str, str] | None) -> list[orjson.Fragment]:
     return [e.client_fragment(now_ms, device_key) for e in events]
+
+
+def thread_root(event: Event) -> str | None:
+    """The root of the thread ``event`` is in (an ``m.thread`` relation), or None (main timeline)."""
+    relates = event.content.get("m.relates_to")
+    if isinstance(relates, dict) and relates.get("rel_type") == "m.thread":
+        root = relates.get("event_id")
+        return root if isinstance(root, str) else None
+    return None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from bastion.core.ids import (
 from bastion.errors import BadJson, Forbidden, InvalidParam, MatrixError, MissingParam
 from bastion.security.tokens import generate_access_token, hash_token
 from bastion.services.auth import AuthService, UiaService
+from bastion.services.requester import current_client
 from bastion.storage import accounts as accounts_store
 from bastion.storage.database import Database, Txn
 
@@ -98,7 +98,6 @@ class AccountService:
         self.registration_enabled = registration_enabled
         self.registration_requires_token = registration_requires_token
         self._shared_secret = shared_secret
-        self._nonces: dict[str, float] = {}
         self.on_tokens_revoked: list[Any] = []
 
     # -- helpers ------------------------------------------------------------------------------
@@ -130,10 +129,15 @@ class AccountService:
         token_hash = hash_token(token)
         ts = now_ms()
 
+        ip, user_agent = current_client.get()
+
         def txn_fn(txn: Txn) -> list[bytes]:
             old = accounts_store.delete_device_tokens(txn, user_id, device_id)
             accounts_store.upsert_device(txn, user_id, device_id, display_name, ts)
             accounts_store.insert_access_token(txn, token_hash, user_id, device_id, ts)
+            if ip is not None:
+                # The session's first "last seen" (any worker listing devices shows it).
+                accounts_store.touch_devices(txn, [(ts, ip, user_agent, user_id, device_id)])
             return old
 
         revoked = await self._db.write(txn_fn)
@@ -242,13 +246,11 @@ class AccountService:
     def shared_secret_enabled(self) -> bool:
         return self._shared_secret is not None
 
-    def new_nonce(self) -> str:
-        now = time.monotonic()
-        self._nonces = {n: t for n, t in self._nonces.items() if now - t < NONCE_LIFETIME_S}
-        if len(self._nonces) > 10_000:
-            raise MatrixError("Too many outstanding nonces", errcode="M_LIMIT_EXCEEDED", status=429)
+    async def new_nonce(self) -> str:
+        """A single-use nonce, kept in the database so any worker can accept it."""
         nonce = secrets.token_hex(32)
-        self._nonces[nonce] = now
+        if not await self._db.write(accounts_store.add_registration_nonce, nonce, now_ms(), int(NONCE_LIFETIME_S * 1000)):
+            raise MatrixError("Too many outstanding nonces", errcode="M_LIMIT_EXCEEDED", status=429)
         return nonce
 
     async def register_with_shared_secret(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -265,8 +267,9 @@ class AccountService:
             raise BadJson("'user_type' must be a string")
         if displayname is not None and not isinstance(displayname, str):
             raise BadJson("'displayname' must be a string")
-        issued = self._nonces.pop(nonce, None)
-        if issued is None or time.monotonic() - issued > NONCE_LIFETIME_S:
+        if not isinstance(nonce, str) or not await self._db.write(
+            accounts_store.use_registration_nonce, nonce, now_ms() - int(NONCE_LIFETIME_S * 1000)
+        ):
             raise Forbidden("Unrecognised or expired nonce")
         want = hmac.new(self._shared_secret.encode(), digestmod="sha1")
         for part in (nonce, username, password):

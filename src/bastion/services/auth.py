@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,13 @@ class AuthService:
         self._db = db
         self.server_name = server_name
         self.passwords = passwords
-        self._cache: OrderedDict[bytes, TokenOwner] = OrderedDict()
+        self._cache: OrderedDict[bytes, tuple[TokenOwner, float]] = OrderedDict()
+        # With several workers a token revoked on another one must stop working here:
+        # the bus says so at once, and cached tokens are re-checked after ``cache_ttl_s``
+        # in case the bus was down.
+        self.cache_ttl_s: float | None = None
+        self.bus: Any = None
+        self._background: set[asyncio.Task[Any]] = set()
         self._by_user: dict[str, set[bytes]] = {}
         self._max = cache_size
         self._seen: dict[tuple[str, str], tuple[int, str | None, str | None]] = {}
@@ -68,15 +75,20 @@ class AuthService:
 
     async def authenticate(self, token: str, ip: str | None, user_agent: str | None) -> Requester:
         token_hash = hash_token(token)
-        owner = self._cache.get(token_hash)
+        cached = self._cache.get(token_hash)
+        now = time.monotonic()
+        owner = cached[0] if cached is not None else None
+        if cached is not None and self.cache_ttl_s is not None and now - cached[1] > self.cache_ttl_s:
+            owner = None
         if owner is None:
             owner = await self._db.read(accounts_store.get_token_owner, token_hash)
             if owner is None or owner.is_deactivated:
+                self.forget_tokens([token_hash], publish=False)
                 raise UnknownToken("Unknown access token", soft_logout=False)
-            self._cache[token_hash] = owner
+            self._cache[token_hash] = (owner, now)
             self._by_user.setdefault(owner.user_id, set()).add(token_hash)
             if len(self._cache) > self._max:
-                old_hash, old_owner = self._cache.popitem(last=False)
+                old_hash, (old_owner, _) = self._cache.popitem(last=False)
                 self._by_user.get(old_owner.user_id, set()).discard(old_hash)
         self._seen[(owner.user_id, owner.device_id)] = (now_ms(), ip, user_agent)
         return Requester(owner.user_id, owner.device_id, owner.is_admin, ip, user_agent)
@@ -90,15 +102,41 @@ class AuthService:
         for hook in self.device_hooks:
             await hook(user_id, device_ids)
 
-    def forget_tokens(self, hashes: Iterable[bytes]) -> None:
+    def forget_tokens(self, hashes: Iterable[bytes], publish: bool = True) -> None:
+        hashes = list(hashes)
         for token_hash in hashes:
-            owner = self._cache.pop(token_hash, None)
-            if owner is not None:
-                self._by_user.get(owner.user_id, set()).discard(token_hash)
+            cached = self._cache.pop(token_hash, None)
+            if cached is not None:
+                self._by_user.get(cached[0].user_id, set()).discard(token_hash)
+        if publish and hashes:
+            self._publish({"h": [h.hex() for h in hashes]})
 
-    def forget_user(self, user_id: str) -> None:
+    def forget_user(self, user_id: str, publish: bool = True) -> None:
         for token_hash in self._by_user.pop(user_id, set()):
             self._cache.pop(token_hash, None)
+        if publish:
+            self._publish({"user": user_id})
+
+    def _publish(self, payload: dict[str, Any]) -> None:
+        if self.bus is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.bus.publish("tokens", payload))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def on_bus(self, kind: str, data: dict[str, Any]) -> None:
+        """Tokens revoked on another worker."""
+        if kind != "tokens":
+            return
+        if isinstance(data.get("user"), str):
+            self.forget_user(data["user"], publish=False)
+        hashes = data.get("h")
+        if isinstance(hashes, list):
+            try:
+                parsed = [bytes.fromhex(h) for h in hashes if isinstance(h, str)]
+            except ValueError:
+                return
+            self.forget_tokens(parsed, publish=False)
 
     async def flush_last_seen(self) -> None:
         """Write device last-seen data gathered since the previous flush (batched)."""

@@ -54,10 +54,15 @@ class EventCache:
             self._events.popitem(last=False)
         return event
 
+    def drop_room(self, room_id: str) -> None:
+        for event_id in [e.event_id for e in self._events.values() if e.room_id == room_id]:
+            del self._events[event_id]
+
     def canonical(self, events: Iterable[Event]) -> list[Event]:
         return [self.put(e) for e in events]
 
-    async def get_many(self, event_ids: Iterable[str]) -> dict[str, Event]:
+    async def get_many(self, event_ids: Iterable[str], strict: bool = False) -> dict[str, Event]:
+        """Events by ID. Damaged messages are left out unless ``strict`` (then: IntegrityError)."""
         found: dict[str, Event] = {}
         missing: list[str] = []
         for eid in event_ids:
@@ -67,13 +72,13 @@ class EventCache:
             else:
                 missing.append(eid)
         if missing:
-            loaded = await self._db.read(events_store.get_events, missing)
+            loaded = await self._db.read(events_store.get_events, missing, strict)
             for eid, event in loaded.items():
                 found[eid] = self.put(event)
         return found
 
     async def get(self, event_id: str) -> Event | None:
-        return (await self.get_many([event_id])).get(event_id)
+        return (await self.get_many([event_id], strict=True)).get(event_id)
 
 
 class RoomSnapshot:

@@ -15,7 +15,6 @@ a time and deleted once that device syncs past them.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
@@ -24,12 +23,14 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bastion.clock import now_ms
+from bastion.cluster.replication import Replicator
 from bastion.core.canonical_json import check_event_values, encode_canonical
 from bastion.core.ids import decode_unpadded_b64, is_valid_user_id, server_of
 from bastion.errors import BadJson, InvalidParam, MatrixError, MissingParam, TooLarge
 from bastion.services.caches import MembershipIndex, RoomCache
 from bastion.services.requester import Requester
 from bastion.storage import e2e as e2e_store
+from bastion.storage import streams as streams_store
 from bastion.storage.database import Database, Txn
 from bastion.streams.notifier import Notifier
 
@@ -82,17 +83,16 @@ class KeysService:
         rooms: RoomCache,
         memberships: MembershipIndex,
         notifier: Notifier,
-        device_list_stream: int,
-        to_device_stream: int,
+        replicator: Replicator,
     ) -> None:
         self._db = db
         self.server_name = server_name
         self._rooms = rooms
         self._memberships = memberships
         self._notifier = notifier
-        self._dl_stream = device_list_stream
-        self._td_stream = to_device_stream
-        self._lock = asyncio.Lock()
+        self._replicator = replicator
+        # With several workers another one may change a device's key counts: no caching.
+        self._cache_counts = not replicator.clustered
         self._counts: dict[tuple[str, str], tuple[dict[str, int], list[str]]] = {}
         # Highest to-device position queued per device (0: nothing pending); unknown
         # devices are looked up once.
@@ -112,23 +112,55 @@ class KeysService:
     async def _device_lists_changed(self, users: Iterable[str], extra: Any = None) -> None:
         """Record device-list changes (after ``extra(txn)`` in the same transaction) and wake peers."""
         users = sorted(set(users))
-        async with self._lock:
-            first = self._dl_stream + 1
 
-            def txn_fn(txn: Txn) -> Any:
-                result = extra(txn) if extra is not None else None
-                for offset, user in enumerate(users):
-                    e2e_store.add_device_list_change(txn, first + offset, user)
-                return result
+        def txn_fn(txn: Txn) -> tuple[Any, int]:
+            result = extra(txn) if extra is not None else None
+            first = streams_store.allocate(txn, "device_lists", len(users)) if users else 0
+            for offset, user in enumerate(users):
+                e2e_store.add_device_list_change(txn, first + offset, user)
+            return result, first
 
-            result = await self._db.write(txn_fn)
-            self._dl_stream = first + len(users) - 1
-            self._notifier.advance(replace(self._notifier.current, device_lists=self._dl_stream))
+        result, first = await self._db.write(txn_fn)
+        if users:
+            async with self._replicator.lock("device_lists"):
+                await self._replicator.before_local_apply("device_lists", first)
+                self._replicator.after_local_apply("device_lists", first + len(users) - 1)
+                self._notifier.advance(replace(self._notifier.current, device_lists=self._replicator.applied["device_lists"]))
+            await self._wake_peers(users)
+        return result
+
+    async def _wake_peers(self, users: Iterable[str]) -> None:
         woken: set[str] = set()
         for user in users:
             woken |= await self._peers(user)
         self._notifier.notify_users(woken)
-        return result
+
+    # -- other workers' changes ------------------------------------------------------------------
+
+    @staticmethod
+    def load_device_list_changes(txn: Txn, after: int, upto: int) -> list[str]:
+        return [r[0] for r in txn.fetchall(
+            "SELECT DISTINCT user_id FROM device_list_changes WHERE stream_id > ? AND stream_id <= ?", (after, upto)
+        )]
+
+    async def apply_remote_device_lists(self, users: list[str], upto: int) -> None:
+        self._notifier.advance(replace(self._notifier.current, device_lists=upto))
+        await self._wake_peers(users)
+
+    @staticmethod
+    def load_to_device(txn: Txn, after: int, upto: int) -> list[tuple[int, str, str]]:
+        rows = txn.fetchall(
+            "SELECT stream_id, user_id, device_id FROM to_device_inbox WHERE stream_id > ? AND stream_id <= ?", (after, upto)
+        )
+        return [(int(r[0]), r[1], r[2]) for r in rows]
+
+    async def apply_remote_to_device(self, rows: list[tuple[int, str, str]], upto: int) -> None:
+        for stream_id, user_id, device_id in rows:
+            key = (user_id, device_id)
+            if self._pending.get(key, 0) < stream_id and key in self._pending:
+                self._pending[key] = stream_id
+        self._notifier.advance(replace(self._notifier.current, to_device=upto))
+        self._notifier.notify_users({u for _, u, _ in rows})
 
     async def device_deleted(self, user_id: str, device_ids: list[str]) -> None:
         for device_id in device_ids:
@@ -232,7 +264,7 @@ class KeysService:
 
     async def counts(self, user: str, device: str) -> tuple[dict[str, int], list[str]]:
         """(one-time key counts, unused fallback key algorithms) for a device; cached."""
-        cached = self._counts.get((user, device))
+        cached = self._counts.get((user, device)) if self._cache_counts else None
         if cached is not None:
             return cached
 
@@ -337,8 +369,23 @@ class KeysService:
 
     # -- cross-signing --------------------------------------------------------------------------------
 
-    async def has_master_key(self, user_id: str) -> bool:
-        return "master" in await self._db.read(e2e_store.get_cross_signing_keys, user_id)
+    async def cross_signing_upload_needs_auth(self, user_id: str, body: Any) -> bool:
+        """spec: no UIA when there is no master key yet, or when the request holds no new key."""
+        existing = await self._db.read(e2e_store.get_cross_signing_keys, user_id)
+        if "master" not in existing:
+            return False
+        if not isinstance(body, dict) or not isinstance(body.get("master_key"), dict):
+            return True
+        for field_name, usage in (("master_key", "master"), ("self_signing_key", "self_signing"), ("user_signing_key", "user_signing")):
+            given = body.get(field_name)
+            if given is None:
+                continue
+            stored = existing.get(usage)
+            if not isinstance(given, dict) or stored is None:
+                return True
+            if given.get("keys") != stored.get("keys") or given.get("usage") != stored.get("usage"):
+                return True
+        return False
 
     async def upload_cross_signing(self, requester: Requester, body: dict[str, Any]) -> None:
         user = requester.user_id
@@ -360,6 +407,8 @@ class KeysService:
             given[usage] = key
         if not given:
             raise MissingParam("No cross-signing keys given")
+        if all(usage in existing and existing[usage].get("keys") == key.get("keys") for usage, key in given.items()):
+            return  # a retried upload of the keys already stored: nothing changes
         master = given.get("master") or existing.get("master")
         if master is None:
             raise MissingParam("No master signing key is available")
@@ -509,33 +558,35 @@ class KeysService:
                 targets.append((user_id, device_id, message))
         sender_device = requester.device_id
 
-        async with self._lock:
-            first = self._td_stream + 1
+        def txn_fn(txn: Txn) -> tuple[int, list[tuple[int, str, str, bytes]]]:
+            if e2e_store.to_device_txn_seen(txn, requester.user_id, sender_device, f"{event_type}:{txn_id}", now_ms()):
+                return 0, []
+            addressed: list[tuple[str, str, bytes]] = []
+            device_cache: dict[str, list[str]] = {}
+            for user_id, device_id, message in targets:
+                if device_id == "*":
+                    if user_id not in device_cache:
+                        device_cache[user_id] = e2e_store.device_ids_for(txn, user_id)
+                    devices = device_cache[user_id]
+                else:
+                    devices = [device_id]
+                addressed.extend((user_id, target, message) for target in devices)
+            if not addressed:
+                return 0, []
+            first = streams_store.allocate(txn, "to_device", len(addressed))
+            rows = [(first + i, u, d, m) for i, (u, d, m) in enumerate(addressed)]
+            e2e_store.add_to_device(txn, rows)
+            return first, rows
 
-            def txn_fn(txn: Txn) -> list[tuple[int, str, str, bytes]]:
-                if e2e_store.to_device_txn_seen(txn, requester.user_id, sender_device, f"{event_type}:{txn_id}", now_ms()):
-                    return []
-                rows: list[tuple[int, str, str, bytes]] = []
-                device_cache: dict[str, list[str]] = {}
-                for user_id, device_id, message in targets:
-                    if device_id == "*":
-                        if user_id not in device_cache:
-                            device_cache[user_id] = e2e_store.device_ids_for(txn, user_id)
-                        devices = device_cache[user_id]
-                    else:
-                        devices = [device_id]
-                    for target in devices:
-                        rows.append((first + len(rows), user_id, target, message))
-                e2e_store.add_to_device(txn, rows)
-                return rows
-
-            rows = await self._db.write(txn_fn)
-            if rows:
-                self._td_stream = first + len(rows) - 1
-                for stream_id, user_id, device_id, _ in rows:
-                    self._pending[(user_id, device_id)] = stream_id
-                self._notifier.advance(replace(self._notifier.current, to_device=self._td_stream))
+        first, rows = await self._db.write(txn_fn)
         if rows:
+            async with self._replicator.lock("to_device"):
+                await self._replicator.before_local_apply("to_device", first)
+                for stream_id, user_id, device_id, _ in rows:
+                    if self._pending.get((user_id, device_id), 0) < stream_id:
+                        self._pending[(user_id, device_id)] = stream_id
+                self._replicator.after_local_apply("to_device", rows[-1][0])
+                self._notifier.advance(replace(self._notifier.current, to_device=self._replicator.applied["to_device"]))
             self._notifier.notify_users({u for _, u, _, _ in rows})
 
     async def to_device_for(self, user_id: str, device_id: str, since: int | None, upto: int) -> tuple[list[Any], int]:

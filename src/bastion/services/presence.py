@@ -33,6 +33,7 @@ class PresenceState:
     status_msg: str | None = None
     last_active_ms: int = 0
     stream: int = 0
+    remote_active: bool = False  # currently syncing on another worker
 
 
 class PresenceService:
@@ -58,6 +59,7 @@ class PresenceService:
         self._syncing: dict[str, int] = {}
         self._last_sync: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
+        self.bus: Any = None
 
     def start(self) -> None:
         if self.enabled:
@@ -74,6 +76,17 @@ class PresenceService:
     # -- changing state ---------------------------------------------------------------------
 
     async def _set(self, user_id: str, presence: str, status_msg: str | None, keep_msg: bool) -> None:
+        changed = self._update(user_id, presence, status_msg, keep_msg)
+        if changed is None:
+            return
+        if self.bus is not None:
+            await self.bus.publish("presence", {
+                "u": user_id, "p": changed.presence, "m": changed.status_msg, "a": changed.last_active_ms,
+                "c": user_id in self._syncing,
+            })
+        await self._wake_watchers(user_id)
+
+    def _update(self, user_id: str, presence: str, status_msg: str | None, keep_msg: bool) -> PresenceState | None:
         state = self._states.get(user_id)
         if state is None:
             state = PresenceState()
@@ -82,13 +95,32 @@ class PresenceService:
             state.last_active_ms = now_ms()
         new_msg = state.status_msg if keep_msg else status_msg
         if state.presence == presence and state.status_msg == new_msg:
-            return
+            return None
         state.presence = presence
         state.status_msg = new_msg
-        self._stream += 1
+        self._stream = max(now_ms(), self._stream + 1)  # clock-based: comparable across workers
         state.stream = self._stream
         self._changes.append((self._stream, user_id))
         self._notifier.advance(replace(self._notifier.current, presence=self._stream))
+        return state
+
+    async def on_bus(self, kind: str, data: dict[str, Any]) -> None:
+        """A presence change made on another worker."""
+        if kind != "presence" or not self.enabled:
+            return
+        user_id, presence = data.get("u"), data.get("p")
+        if not isinstance(user_id, str) or presence not in STATES:
+            return
+        status_msg = data.get("m") if isinstance(data.get("m"), str) else None
+        if user_id in self._syncing:
+            return  # this worker serves the user's own syncs and decides their presence
+        state = self._update(user_id, presence, status_msg, keep_msg=False)
+        if state is None:
+            state = self._states[user_id]
+        active = data.get("a")
+        if isinstance(active, int):
+            state.last_active_ms = max(state.last_active_ms, active)
+        state.remote_active = bool(data.get("c"))
         await self._wake_watchers(user_id)
 
     async def _wake_watchers(self, user_id: str) -> None:
@@ -158,7 +190,7 @@ class PresenceService:
             content["last_active_ago"] = max(0, now_ms() - state.last_active_ms)
         if state.status_msg is not None:
             content["status_msg"] = state.status_msg
-        content["currently_active"] = state.presence == "online" and user_id in self._syncing
+        content["currently_active"] = state.presence == "online" and (user_id in self._syncing or state.remote_active)
         return content
 
     async def get_status(self, requester: Requester, user_id: str) -> dict[str, Any]:
@@ -184,7 +216,7 @@ class PresenceService:
         if after is not None and after >= upto:
             return []
         candidates: set[str]
-        if after is None or not self._changes or self._changes[0][0] > after + 1:
+        if after is None or (len(self._changes) == MAX_CHANGES and self._changes[0][0] > after):
             # Initial sync, or the change log no longer reaches back: everyone not offline.
             candidates = {u for u, s in self._states.items() if s.presence != "offline" and s.stream <= upto}
             after = None

@@ -12,19 +12,21 @@ or main-thread ``m.read``/``m.read.private`` receipt — feeds unread counts.
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any
 
 from bastion.clock import now_ms
+from bastion.cluster.replication import Replicator
+from bastion.core.events import thread_root
 from bastion.core.ids import is_valid_event_id
 from bastion.errors import Forbidden, InvalidParam, NotFound
 from bastion.services.account_data import AccountDataService
 from bastion.services.caches import EventCache, RoomCache
 from bastion.services.requester import Requester
 from bastion.storage import receipts as receipts_store
-from bastion.storage.database import Database
+from bastion.storage import streams as streams_store
+from bastion.storage.database import Database, Txn
 from bastion.storage.receipts import ReceiptRow
 from bastion.streams.notifier import Notifier
 
@@ -40,18 +42,19 @@ class ReceiptsService:
         events: EventCache,
         notifier: Notifier,
         account_data: AccountDataService,
-        last_stream_id: int,
+        replicator: Replicator,
     ) -> None:
         self._db = db
         self._rooms = rooms
         self._events = events
         self._notifier = notifier
         self._account_data = account_data
-        self._last = last_stream_id
-        self._lock = asyncio.Lock()
+        self._replicator = replicator
         # room -> {(user, type, thread): row}; rooms loaded on demand
         self._cache: OrderedDict[str, dict[tuple[str, str, str], ReceiptRow]] = OrderedDict()
         self._room_stream: dict[str, int] = {}
+        # room -> user -> keys of their receipts in threads (for per-thread unread counts)
+        self._thread_keys: dict[str, dict[str, set[tuple[str, str, str]]]] = {}
 
     async def _room(self, room_id: str) -> dict[tuple[str, str, str], ReceiptRow]:
         cached = self._cache.get(room_id)
@@ -63,10 +66,14 @@ class ReceiptsService:
         if cached is None:
             cached = {(r.user_id, r.receipt_type, r.thread_id): r for r in rows}
             self._cache[room_id] = cached
+            self._thread_keys.pop(room_id, None)
+            for key in cached:
+                self._index_thread_receipt(room_id, key)
             self._room_stream[room_id] = max((r.stream_id for r in rows), default=0)
             if len(self._cache) > 20_000:
                 old, _ = self._cache.popitem(last=False)
                 self._room_stream.pop(old, None)
+                self._thread_keys.pop(old, None)
         return cached
 
     def room_stream(self, room_id: str) -> int | None:
@@ -99,7 +106,7 @@ class ReceiptsService:
             if body.get(receipt_type) is not None:
                 await self._store(requester, room_id, receipt_type, body[receipt_type], UNTHREADED)
 
-    async def _target(self, requester: Requester, room_id: str, event_id: str) -> int:
+    async def _target(self, requester: Requester, room_id: str, event_id: str, thread_id: str = UNTHREADED) -> int:
         room = await self._rooms.get(room_id)
         if room is None or room.membership_of(requester.user_id) != "join":
             raise Forbidden("You are not in this room")
@@ -108,30 +115,68 @@ class ReceiptsService:
         event = await self._events.get(event_id)
         if event is None or event.room_id != room_id:
             raise NotFound("Event not found in this room")
+        if thread_id != UNTHREADED:
+            # spec: a threaded receipt names an event of that thread (the root counts as
+            # both the main timeline and its thread); anything else is a 400.
+            root = thread_root(event)
+            in_thread = root == thread_id or event.event_id == thread_id
+            if (thread_id == "main" and root is not None) or (thread_id != "main" and not in_thread):
+                raise InvalidParam(f"The event is not in the thread {thread_id!r}")
         return event.stream_ordering
 
     async def _store(self, requester: Requester, room_id: str, receipt_type: str, event_id: str, thread_id: str) -> None:
-        event_stream = await self._target(requester, room_id, event_id)
+        event_stream = await self._target(requester, room_id, event_id, thread_id)
         receipts = await self._room(room_id)
         key = (requester.user_id, receipt_type, thread_id)
         current = receipts.get(key)
         if current is not None and current.event_stream >= event_stream:
             return
-        async with self._lock:
-            stream_id = self._last + 1
+        def txn_fn(txn: Txn) -> tuple[ReceiptRow, bool]:
+            stream_id = streams_store.allocate(txn, "receipts")
             row = ReceiptRow(room_id, requester.user_id, receipt_type, thread_id, event_id, event_stream, now_ms(), stream_id)
-            stored = await self._db.write(receipts_store.upsert_receipt, row)
-            self._last = stream_id
-            if not stored:
-                return
-            receipts[key] = row
-            self._room_stream[room_id] = stream_id
-            self._notifier.advance(replace(self._notifier.current, receipts=stream_id))
+            return row, receipts_store.upsert_receipt(txn, row)
+
+        row, stored = await self._db.write(txn_fn)
+        async with self._replicator.lock("receipts"):
+            await self._replicator.before_local_apply("receipts", row.stream_id)
+            if stored:
+                current = receipts.get(key)
+                if current is None or current.event_stream < row.event_stream:
+                    receipts[key] = row
+                    self._index_thread_receipt(room_id, key)
+                self._room_stream[room_id] = max(self._room_stream.get(room_id, 0), row.stream_id)
+            self._replicator.after_local_apply("receipts", row.stream_id)
+            self._notifier.advance(replace(self._notifier.current, receipts=self._replicator.applied["receipts"]))
+        if not stored:
+            return
+        await self._wake(room_id, receipt_type, requester.user_id)
+
+    async def _wake(self, room_id: str, receipt_type: str, user_id: str) -> None:
         room = await self._rooms.get(room_id)
         if receipt_type == "m.read.private" or room is None:
-            self._notifier.notify_users([requester.user_id])
+            self._notifier.notify_users([user_id])
         else:
             self._notifier.notify_users(room.joined)
+
+    # -- other workers' receipts ------------------------------------------------------------------
+
+    @staticmethod
+    def load_changes(txn: Txn, after: int, upto: int) -> list[ReceiptRow]:
+        return receipts_store.receipts_in_range(txn, after, upto)
+
+    async def apply_remote(self, rows: list[ReceiptRow], upto: int) -> None:
+        for row in rows:
+            cached = self._cache.get(row.room_id)
+            if cached is not None:
+                key = (row.user_id, row.receipt_type, row.thread_id)
+                current = cached.get(key)
+                if current is None or current.event_stream < row.event_stream:
+                    cached[key] = row
+                    self._index_thread_receipt(row.room_id, key)
+                self._room_stream[row.room_id] = max(self._room_stream.get(row.room_id, 0), row.stream_id)
+        self._notifier.advance(replace(self._notifier.current, receipts=upto))
+        for row in rows:
+            await self._wake(row.room_id, row.receipt_type, row.user_id)
 
     async def receipts_event(self, room_id: str, user_id: str, after: int | None, upto: int) -> dict[str, Any] | None:
         """The ``m.receipt`` ephemeral event for a sync, or None if nothing changed."""
@@ -155,11 +200,32 @@ class ReceiptsService:
         return {"type": "m.receipt", "content": content}
 
     async def read_position(self, room_id: str, user_id: str) -> int:
+        """How far the user has read the room's main timeline (unthreaded or ``main`` receipts)."""
+        unthreaded, main, _threads = await self.read_positions(room_id, user_id)
+        return max(unthreaded, main)
+
+    async def read_positions(self, room_id: str, user_id: str) -> tuple[int, int, dict[str, int]]:
+        """(unthreaded, main timeline, {thread root: position}) of the user's read receipts.
+
+        An unthreaded receipt marks everything up to it read, threads included; a
+        ``main`` receipt the main timeline; a receipt in a thread that thread.
+        """
         receipts = await self._room(room_id)
-        best = 0
+        unthreaded = main = 0
         for receipt_type in RECEIPT_TYPES:
-            for thread in (UNTHREADED, "main"):
-                row = receipts.get((user_id, receipt_type, thread))
-                if row is not None and row.event_stream > best:
-                    best = row.event_stream
-        return best
+            row = receipts.get((user_id, receipt_type, UNTHREADED))
+            if row is not None:
+                unthreaded = max(unthreaded, row.event_stream)
+            row = receipts.get((user_id, receipt_type, "main"))
+            if row is not None:
+                main = max(main, row.event_stream)
+        threads: dict[str, int] = {}
+        for key in self._thread_keys.get(room_id, {}).get(user_id, ()):
+            row = receipts.get(key)
+            if row is not None:
+                threads[key[2]] = max(threads.get(key[2], 0), row.event_stream)
+        return unthreaded, main, threads
+
+    def _index_thread_receipt(self, room_id: str, key: tuple[str, str, str]) -> None:
+        if key[2] not in (UNTHREADED, "main"):
+            self._thread_keys.setdefault(room_id, {}).setdefault(key[0], set()).add(key)

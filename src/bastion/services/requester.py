@@ -7,6 +7,7 @@ at the point where an action happens.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 
@@ -21,6 +22,11 @@ class Requester:
     @property
     def device_key(self) -> tuple[str, str] | None:
         return (self.user_id, self.device_id) if self.device_id is not None else None
+
+
+# The address and user agent of the client whose request is being handled (set by the
+# HTTP layer): new sessions record them as their first "last seen".
+current_client: ContextVar[tuple[str | None, str | None]] = ContextVar("current_client", default=(None, None))
 
 
 def system_requester(user_id: str) -> Requester:

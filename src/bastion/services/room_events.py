@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from bastion.core.events import MAX_TYPE_OR_STATE_KEY_BYTES, Event, StateKey, bu
 from bastion.core.signing import SigningKey
 from bastion.errors import AuthError, BadJson, Forbidden, NotFound, StorageUnavailable, TooLarge
 from bastion.services.caches import EventCache, RoomCache, RoomSnapshot
-from bastion.services.persister import EventPersister, PersistUnit, TxnKey
+from bastion.services.persister import EventPersister, PersistUnit, StaleRoom, TxnKey
 from bastion.services.requester import Requester
 from bastion.storage import events as events_store
 from bastion.storage.database import Database, Txn
@@ -34,6 +35,10 @@ from bastion.storage.database import Database, Txn
 RECENT_TXNS = 20_000
 
 Validator = Callable[[Event, dict[StateKey, Event]], Awaitable[None] | None]
+# Run for each event once it is built and valid, with the state before it and the users
+# joined at that point; a returned callable writes in the event's own transaction (after
+# stream orderings are assigned), so what it stores is visible exactly when the event is.
+PersistHook = Callable[[Event, Mapping[StateKey, Event], Collection[str]], Awaitable[Callable[[Txn], Any] | None]]
 
 
 @dataclass
@@ -65,6 +70,9 @@ def validate_event_fields(event_type: str, state_key: str | None, content: Any) 
     check_event_values(content)
 
 
+MAX_STALE_RETRIES = 50
+
+
 class EventService:
     def __init__(
         self,
@@ -82,11 +90,13 @@ class EventService:
         self.rooms = rooms
         self.events = events
         self.persister = persister
+        self.replicator: Any = None  # set by the homeserver; catches up after a StaleRoom
         self._inflight: dict[TxnKey, _Inflight] = {}
         # Transaction IDs answered recently, so quick retries cost nothing; older ones
         # are found by the unique key in the same transaction that stores the event.
         self._recent_txns: OrderedDict[TxnKey, str] = OrderedDict()
         self.validators: list[Validator] = []
+        self.persist_hooks: list[PersistHook] = []
 
     async def get_room(self, room_id: str) -> RoomSnapshot:
         room = await self.rooms.get(room_id)
@@ -117,14 +127,43 @@ class EventService:
         validate: Validator | None = None,
         redaction_targets: dict[int, Event] | None = None,
     ) -> list[Event]:
-        """Build and persist ``specs`` in order; the caller holds ``room.lock``."""
+        """Build and persist ``specs`` in order; the caller holds ``room.lock``.
+
+        With several workers, another one may have added to the room since this
+        worker's view was current: the commit then refuses (:class:`StaleRoom`), the view
+        catches up, and the events are built and authorised again on the new state.
+        """
+        for attempt in range(MAX_STALE_RETRIES):
+            try:
+                return await self._send_once(
+                    room, specs, pre_writes=pre_writes, validate=validate, redaction_targets=redaction_targets
+                )
+            except StaleRoom:
+                if self.replicator is not None:
+                    await self.replicator.catch_up("events")
+                # Busy room on several workers: back off a little, more each time.
+                await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 25)))
+        raise StorageUnavailable("The room is too busy; please retry")
+
+    async def _send_once(
+        self,
+        room: RoomSnapshot,
+        specs: Sequence[EventSpec],
+        *,
+        pre_writes: Sequence[Callable[[Txn], Any]] = (),
+        validate: Validator | None = None,
+        redaction_targets: dict[int, Event] | None = None,
+    ) -> list[Event]:
         if room.stale:
             raise StorageUnavailable("The room was reloaded; please retry")
         # A single event needs no working copy of the state; a chain does, because each
         # event is authorised against the state its predecessors produced.
         chain = len(specs) > 1
         state = dict(room.state) if chain else room.state
+        joined = set(room.joined) if chain else room.joined
+        hook_writes: list[Callable[[Txn], Any]] = []
         prev = room.latest_event_id
+        expected_head = prev
         depth = room.depth
         built: list[Event] = []
         targets: dict[str, Event] = {}
@@ -159,6 +198,10 @@ class EventService:
                     result = check(event, state)
                     if inspect.isawaitable(result):
                         await result
+            for hook in self.persist_hooks:
+                write = await hook(event, state, joined)
+                if write is not None:
+                    hook_writes.append(write)
             if spec.txn_key is not None:
                 event.txn_device_id = spec.txn_key[1]
                 event.txn_id = spec.txn_key[3]
@@ -173,6 +216,10 @@ class EventService:
                     }
                 if chain:
                     state[(event.type, event.state_key)] = event
+                    if event.type == "m.room.member":
+                        joined.discard(event.state_key)
+                        if event.membership == "join":
+                            joined.add(event.state_key)
             if redaction_targets and index in redaction_targets:
                 targets[event.event_id] = redaction_targets[index]
             prev = event.event_id
@@ -182,8 +229,10 @@ class EventService:
             room,
             built,
             txn_keys=[s.txn_key for s in specs],
-            pre_writes=list(pre_writes),
+            pre_writes=[*pre_writes, *hook_writes],
             redaction_targets=targets,
+            expected_head=expected_head,
+            check_head=True,
         )
         await self.persister.persist(unit)
         return built

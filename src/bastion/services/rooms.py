@@ -118,6 +118,7 @@ class RoomService:
         self._db = db
         self._events = events
         self._memberships = memberships
+        self.bus: Any = None  # with several workers: tell the others about forgotten rooms
         self._aliases = aliases
         self._default_version = default_room_version
         self._directory = directory
@@ -405,6 +406,8 @@ class RoomService:
             raise MatrixError("You must leave the room before forgetting it", errcode="M_UNKNOWN", status=400)
         await self._db.write(rooms_store.set_forgotten, requester.user_id, room_id)
         self._memberships.set_forgotten(requester.user_id, room_id)
+        if self.bus is not None:
+            await self.bus.publish("forgotten", {"u": requester.user_id, "r": room_id})
 
     async def set_membership_state(self, requester: Requester, room_id: str, target: str, content: Any) -> str:
         """PUT /state/m.room.member/{userId}: a membership change given as raw content."""

@@ -27,6 +27,7 @@ class SignalPoller:
         self._handlers: dict[str, Handler] = {}
         self._last_id = 0
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # the timer and a bus nudge may ask at once
 
     def on(self, kind: str, handler: Handler) -> None:
         self._handlers[kind] = handler
@@ -36,6 +37,10 @@ class SignalPoller:
         self._task = asyncio.create_task(self._run(), name="signal-poller")
 
     async def poll_once(self) -> None:
+        async with self._lock:
+            await self._poll_locked()
+
+    async def _poll_locked(self) -> None:
         rows = await self._db.read(accounts_store.signals_after, self._last_id)
         for signal_id, kind, key in rows:
             self._last_id = signal_id

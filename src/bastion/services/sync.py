@@ -62,6 +62,7 @@ class _RoomCtx:
     upto: int
     history: list[tuple[int, str]] | None = None
     ignored: frozenset[str] = frozenset()
+    thread_counts: bool = False  # the filter asked for unread_thread_notifications
 
 
 class SyncService:
@@ -136,6 +137,7 @@ class SyncService:
     ) -> tuple[bytes, bool]:
         user = req.requester.user_id
         room_filter = req.filter.room
+        thread_counts = room_filter.timeline.unread_thread_notifications
         limit = max(1, min(req.filter.room.timeline.limit or req.timeline_limit, self._timeline_limit_max))
         now = now_ms()
         join: dict[str, Any] = {}
@@ -163,7 +165,7 @@ class SyncService:
                 room = self._rooms.cached(room_id) or await self._rooms.get(room_id)
                 if room is None:
                     continue
-                ctx = _RoomCtx(room, m, token.events, ignored=ignored)
+                ctx = _RoomCtx(room, m, token.events, ignored=ignored, thread_counts=thread_counts)
                 body: dict[str, Any] | None
                 full = changed or req.full_state or since_pos is None
                 ephemeral_after = None if full or since is None else since
@@ -207,7 +209,7 @@ class SyncService:
                 room = await self._rooms.get(room_id)
                 if room is None:
                     continue
-                ctx = _RoomCtx(room, m, min(token.events, m.stream_ordering), ignored=ignored)
+                ctx = _RoomCtx(room, m, min(token.events, m.stream_ordering), ignored=ignored, thread_counts=thread_counts)
                 body = await self._room_leave(req, ctx, since_pos, limit, now, device_key)
                 body["account_data"] = {"events": room_account_data.get(room_id, [])}
                 leave[room_id] = body
@@ -644,5 +646,17 @@ class SyncService:
             "m.joined_member_count": len(room.joined),
             "m.invited_member_count": len(room.invited),
         }
-        notifications, highlights = await self._push.unread_counts(room, user, ctx.upto)
+        counts = await self._push.unread_counts(room, user, ctx.upto)
+        if ctx.thread_counts:
+            # The client counts threads apart: the main timeline here, each thread below.
+            notifications, highlights = counts.notifications, counts.highlights
+            threads = {
+                root: {"notification_count": n, "highlight_count": h}
+                for root, (n, h) in counts.threads.items() if n or h
+            }
+            # Always present (possibly empty) when asked for, so a thread read to zero is
+            # visibly zero rather than merely absent.
+            body["unread_thread_notifications"] = threads
+        else:
+            notifications, highlights = counts.total()
         body["unread_notifications"] = {"notification_count": notifications, "highlight_count": highlights}

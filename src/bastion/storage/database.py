@@ -23,6 +23,7 @@ statements).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import sqlite3
@@ -49,12 +50,16 @@ def _to_psycopg(sql: str) -> str:
 class Txn:
     """A cursor inside one transaction. Placeholders are ``?`` on both backends."""
 
-    __slots__ = ("_cursor", "after_commit", "dialect")
+    __slots__ = ("_cursor", "after_commit", "crypto", "dialect", "scratch")
 
-    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+    def __init__(self, cursor: Any, dialect: Dialect, crypto: Any = None) -> None:
         self._cursor = cursor
         self.dialect: Dialect = dialect
         self.after_commit: list[Callable[[], None]] = []
+        # The keyring (encryption at rest) for storage functions that store sensitive fields.
+        self.crypto: Any = crypto
+        # Per-transaction working data (e.g. data keys created but not yet committed).
+        self.scratch: dict[str, Any] = {}
 
     def _sql(self, sql: str) -> str:
         return sql if self.dialect == "sqlite" else _to_psycopg(sql)
@@ -98,6 +103,7 @@ class Database:
     """Runs transactions on worker threads. Subclasses implement one engine each."""
 
     dialect: Dialect
+    crypto: Any = None
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise NotImplementedError
@@ -107,6 +113,10 @@ class Database:
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a write transaction from synchronous code (the CLI)."""
+        raise NotImplementedError
+
+    def maintenance(self, sql: str) -> None:
+        """Run a statement that may not run inside a transaction (VACUUM, checkpoints); blocking."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -149,7 +159,7 @@ class SqliteDatabase(Database):
         conn = self._connection()
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        txn = Txn(cur, "sqlite")
+        txn = Txn(cur, "sqlite", self.crypto)
         try:
             result = fn(txn, *args, **kwargs)
         except BaseException:
@@ -170,6 +180,9 @@ class SqliteDatabase(Database):
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         return self._writer.submit(self._run, True, fn, *args).result()
+
+    def maintenance(self, sql: str) -> None:
+        self._writer.submit(lambda: self._connection().execute(sql).fetchall()).result()
 
     async def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -213,12 +226,14 @@ class PostgresDatabase(Database):
         attempts = 0
         while True:
             attempts += 1
+            before_commit = True
             try:
                 with self._pool.connection() as conn:
                     txn: Txn | None = None
                     with conn.transaction(), conn.cursor() as cur:
-                        txn = Txn(cur, "postgres")
+                        txn = Txn(cur, "postgres", self.crypto)
                         result = fn(txn, *args, **kwargs)
+                        before_commit = False
                     for callback in txn.after_commit:
                         callback()
                     return result
@@ -227,6 +242,13 @@ class PostgresDatabase(Database):
                     raise
                 log.info("retrying transaction %s after a serialisation failure", getattr(fn, "__name__", fn))
             except psycopg.OperationalError as exc:
+                # A connection that broke before the commit (PostgreSQL restarted since it
+                # was opened): nothing was written, so try once more on a fresh connection.
+                if before_commit and attempts < 3:
+                    log.info("retrying transaction %s on a new connection: %s", getattr(fn, "__name__", fn), exc)
+                    with contextlib.suppress(Exception):
+                        self._pool.check()  # drop every idle connection that broke too
+                    continue
                 raise StorageUnavailable(f"the database is unavailable: {exc.__class__.__name__}") from exc
             except Exception as exc:
                 if exc.__class__.__name__ == "PoolTimeout":
@@ -241,6 +263,19 @@ class PostgresDatabase(Database):
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         return self._run(fn, *args)
+
+    def pool_stats(self) -> dict[str, int]:
+        stats = self._pool.get_stats()
+        size = int(stats.get("pool_size", 0))
+        return {"size": size, "in_use": size - int(stats.get("pool_available", 0))}
+
+    def maintenance(self, sql: str) -> None:
+        with self._pool.connection() as conn:
+            conn.autocommit = True
+            try:
+                conn.execute(sql)
+            finally:
+                conn.autocommit = False
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)

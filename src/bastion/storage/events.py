@@ -11,6 +11,7 @@ for each (type, state_key), the state event with the highest stream ordering <= 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,20 +19,26 @@ import orjson
 
 from bastion.core.events import Event, StateKey, redact_pdu
 from bastion.core.room_versions import KNOWN_ROOM_VERSIONS
+from bastion.security.crypto import IntegrityError
+from bastion.storage import directory as directory_store
 from bastion.storage import search as search_store
 from bastion.storage.database import Txn
+from bastion.storage.sealed import seal, unseal
+
+log = logging.getLogger(__name__)
 
 _EVENT_COLUMNS = (
     "e.stream_ordering, e.event_id, e.json, e.txn_id, e.txn_device_id, e.replaces_state, "
-    "e.unsigned_static, e.redacted_by, r.room_version"
+    "e.unsigned_static, e.redacted_by, r.room_version, e.state_key"
 )
 _FROM = "events e JOIN rooms r ON r.room_id = e.room_id"
 
 
-def _row_to_event(row: Sequence[Any]) -> Event:
-    unsigned = orjson.loads(row[6]) if row[6] is not None else None
+def _row_to_event(txn: Txn, row: Sequence[Any]) -> Event:
+    event_id = row[1]
+    unsigned = orjson.loads(unseal(txn, f"event|{event_id}|unsigned", row[6])) if row[6] is not None else None
     return Event(
-        orjson.loads(row[2]),
+        orjson.loads(unseal(txn, f"event|{event_id}|json", row[2])),
         row[1],
         KNOWN_ROOM_VERSIONS[row[8]],
         stream_ordering=row[0],
@@ -42,8 +49,22 @@ def _row_to_event(row: Sequence[Any]) -> Event:
     )
 
 
-def _load_rows(txn: Txn, rows: Sequence[Sequence[Any]]) -> list[Event]:
-    events = [_row_to_event(r) for r in rows]
+def _load_rows(txn: Txn, rows: Sequence[Sequence[Any]], strict: bool = False) -> list[Event]:
+    """Events from rows. A message whose ciphertext fails its integrity check is left out
+    of lists (and logged) so one damaged row cannot take a room's history down; a *state*
+    event that fails is an error (serving a room without, say, its bans would fail open),
+    as is any failure when ``strict`` (one event asked for by ID)."""
+    events: list[Event] = []
+    kept: list[Sequence[Any]] = []
+    for row in rows:
+        try:
+            events.append(_row_to_event(txn, row))
+            kept.append(row)
+        except IntegrityError as exc:
+            if strict or row[9] is not None:
+                raise
+            log.error("event %s failed its integrity check and was left out: %s", row[1], exc)
+    rows = kept
     redactions: dict[str, list[Event]] = {}
     for row, event in zip(rows, events, strict=True):
         if row[7] is not None:
@@ -55,7 +76,7 @@ def _load_rows(txn: Txn, rows: Sequence[Sequence[Any]]) -> list[Event]:
     return events
 
 
-def get_events(txn: Txn, event_ids: Sequence[str]) -> dict[str, Event]:
+def get_events(txn: Txn, event_ids: Sequence[str], strict: bool = False) -> dict[str, Event]:
     out: dict[str, Event] = {}
     ids = list(dict.fromkeys(event_ids))
     for start in range(0, len(ids), 500):
@@ -63,9 +84,22 @@ def get_events(txn: Txn, event_ids: Sequence[str]) -> dict[str, Event]:
         rows = txn.fetchall(
             f"SELECT {_EVENT_COLUMNS} FROM {_FROM} WHERE e.event_id IN ({txn.in_list(chunk)})", chunk
         )
-        for event in _load_rows(txn, rows):
+        for event in _load_rows(txn, rows, strict=strict):
             out[event.event_id] = event
     return out
+
+
+def events_in_range(txn: Txn, after: int, upto: int) -> tuple[list[Event], dict[str, list[str]]]:
+    """Every event with ``after < stream_ordering <= upto`` (another worker's writes), in order,
+    and for each redaction among them the events whose ``prev_content`` copied its target."""
+    rows = txn.fetchall(
+        f"SELECT {_EVENT_COLUMNS} FROM {_FROM} WHERE e.stream_ordering > ? AND e.stream_ordering <= ? "
+        "ORDER BY e.stream_ordering",
+        (after, upto),
+    )
+    events = _load_rows(txn, rows)
+    replacing = {e.redacts: events_replacing(txn, e.redacts) for e in events if e.redacts is not None}
+    return events, replacing
 
 
 def get_room_events(
@@ -205,11 +239,15 @@ def get_membership_history(txn: Txn, room_id: str, user_id: str) -> list[tuple[i
 def get_visibility_history(txn: Txn, room_id: str) -> list[tuple[int, Any]]:
     """(stream_ordering, raw history_visibility content value) for every change."""
     rows = txn.fetchall(
-        "SELECT stream_ordering, json FROM events WHERE room_id = ? AND type = 'm.room.history_visibility' "
+        "SELECT stream_ordering, json, event_id FROM events WHERE room_id = ? AND type = 'm.room.history_visibility' "
         "AND state_key = '' ORDER BY stream_ordering",
         (room_id,),
     )
-    return [(r[0], orjson.loads(r[1]).get("content", {}).get("history_visibility")) for r in rows]
+    out = []
+    for position, blob, event_id in rows:
+        pdu = orjson.loads(unseal(txn, f"event|{event_id}|json", blob))
+        out.append((position, pdu.get("content", {}).get("history_visibility")))
+    return out
 
 
 class DuplicateTransaction(Exception):
@@ -269,8 +307,10 @@ def insert_event(txn: Txn, event: Event, txn_key: tuple[str, str, str, str] | No
             event.txn_id,
             event.txn_device_id,
             event.replaces_state,
-            orjson.dumps(event.unsigned_static) if event.unsigned_static else None,
-            orjson.dumps(event.pdu),
+            seal(txn, "room", event.room_id, f"event|{event.event_id}|unsigned", orjson.dumps(event.unsigned_static))
+            if event.unsigned_static
+            else None,
+            seal(txn, "room", event.room_id, f"event|{event.event_id}|json", orjson.dumps(event.pdu)),
         ),
     )
     if txn_key is not None:
@@ -290,6 +330,7 @@ def insert_event(txn: Txn, event: Event, txn_key: tuple[str, str, str, str] | No
             "ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = excluded.event_id",
             (event.room_id, event.type, event.state_key, event.event_id),
         )
+        directory_store.record_room_state(txn, event)
         if event.type == "m.room.member":
             txn.execute(
                 "INSERT INTO memberships (user_id, room_id, membership, event_id, stream_ordering, forgotten) "
@@ -310,16 +351,22 @@ def apply_redaction(txn: Txn, target: Event, redaction_event_id: str) -> dict[st
     search_store.unindex_event(txn, target.event_id)
     txn.execute(
         "UPDATE events SET json = ?, redacted_by = ? WHERE event_id = ?",
-        (orjson.dumps(pruned), redaction_event_id, target.event_id),
+        (
+            seal(txn, "room", target.room_id, f"event|{target.event_id}|json", orjson.dumps(pruned)),
+            redaction_event_id,
+            target.event_id,
+        ),
     )
     rows = txn.fetchall(
         "SELECT event_id, unsigned_static FROM events WHERE replaces_state = ?", (target.event_id,)
     )
     for event_id, unsigned_raw in rows:
-        unsigned = orjson.loads(unsigned_raw) if unsigned_raw is not None else {}
+        binding = f"event|{event_id}|unsigned"
+        unsigned = orjson.loads(unseal(txn, binding, unsigned_raw)) if unsigned_raw is not None else {}
         unsigned["prev_content"] = pruned["content"]
         txn.execute(
-            "UPDATE events SET unsigned_static = ? WHERE event_id = ?", (orjson.dumps(unsigned), event_id)
+            "UPDATE events SET unsigned_static = ? WHERE event_id = ?",
+            (seal(txn, "room", target.room_id, binding, orjson.dumps(unsigned)), event_id),
         )
     return pruned
 

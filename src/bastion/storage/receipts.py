@@ -39,5 +39,12 @@ def room_receipts(txn: Txn, room_id: str) -> list[ReceiptRow]:
     return [ReceiptRow(*r) for r in rows]
 
 
+def receipts_in_range(txn: Txn, after: int, upto: int) -> list[ReceiptRow]:
+    rows = txn.fetchall(
+        f"SELECT {_COLUMNS} FROM receipts WHERE stream_id > ? AND stream_id <= ? ORDER BY stream_id", (after, upto)
+    )
+    return [ReceiptRow(*r) for r in rows]
+
+
 def max_receipt_stream(txn: Txn) -> int:
     return int(txn.fetchval("SELECT COALESCE(MAX(stream_id), 0) FROM receipts"))

@@ -12,15 +12,17 @@ computing an empty response and starting to wait, with no lock: there is no
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 
+from bastion import metrics
 from bastion.streams.tokens import StreamToken
 
 
 class Notifier:
     def __init__(self, current: StreamToken) -> None:
         self.current = current
-        self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
+        self._waiters: dict[str, set[asyncio.Future[float]]] = {}
         self._last: dict[str, StreamToken] = {}
         self._shutting_down = False
 
@@ -35,9 +37,10 @@ class Notifier:
             self._last[user] = token if previous is None else previous.max(token)
             waiters = self._waiters.pop(user, None)
             if waiters:
+                now = time.perf_counter()
                 for fut in waiters:
                     if not fut.done():
-                        fut.set_result(True)
+                        fut.set_result(now)
 
     def has_news(self, user_id: str, since: StreamToken) -> bool:
         last = self._last.get(user_id)
@@ -53,13 +56,17 @@ class Notifier:
         if self._shutting_down or timeout_s <= 0:
             return False
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
+        fut: asyncio.Future[float] = loop.create_future()
         waiters = self._waiters.setdefault(user_id, set())
         waiters.add(fut)
         timer = loop.call_later(timeout_s, _expire, fut)
         woke = False
         try:
-            woke = await fut
+            notified_at = await fut
+            woke = notified_at > 0
+            if woke:
+                # From the commit being published on this worker to this request running again.
+                metrics.SYNC_WAKE_SECONDS.observe(time.perf_counter() - notified_at)
         finally:
             timer.cancel()
             waiters.discard(fut)
@@ -76,7 +83,7 @@ class Notifier:
         for waiters in list(self._waiters.values()):
             for fut in waiters:
                 if not fut.done():
-                    fut.set_result(False)
+                    fut.set_result(0.0)
         self._waiters.clear()
 
     @property
@@ -84,6 +91,6 @@ class Notifier:
         return sum(len(w) for w in self._waiters.values())
 
 
-def _expire(fut: asyncio.Future[bool]) -> None:
+def _expire(fut: asyncio.Future[float]) -> None:
     if not fut.done():
-        fut.set_result(False)
+        fut.set_result(0.0)

@@ -67,6 +67,14 @@ class StreamToken:
         return replace(self, events=position)
 
 
+def durable_positions(token: StreamToken) -> dict[str, int]:
+    """The positions of the streams kept in the database (allocated in order across workers)."""
+    return {
+        "events": token.events, "account_data": token.account_data, "receipts": token.receipts,
+        "to_device": token.to_device, "device_lists": token.device_lists,
+    }
+
+
 _NAMES = ("events", "account_data", "receipts", "typing", "presence", "to_device", "device_lists")
 
 

@@ -22,7 +22,7 @@ def _enabled(req: Request) -> None:
 async def get_nonce(req: Request) -> dict[str, Any]:
     """GET /_synapse/admin/v1/register"""
     _enabled(req)
-    return {"nonce": req.hs.accounts.new_nonce()}
+    return {"nonce": await req.hs.accounts.new_nonce()}
 
 
 async def post_register(req: Request) -> dict[str, Any]:

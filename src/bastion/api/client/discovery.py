@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
+
+import orjson
 
 from bastion.api.http import CLIENT_V3, Request, Response, RouteTable
 from bastion.core.room_versions import KNOWN_ROOM_VERSIONS
@@ -53,8 +56,25 @@ async def health(req: Request) -> Response:
     return Response(b'{"status":"ok"}')
 
 
+async def ready(req: Request) -> Response:
+    """GET /ready — 200 while this worker can serve: its database answers within 2 s.
+
+    A lost Redis bus does not make a worker unready (it falls back to polling); the
+    body says whether the bus is connected.
+    """
+    hs = req.hs
+    try:
+        await asyncio.wait_for(hs.db.read(lambda txn: txn.fetchval("SELECT 1")), timeout=2)
+    except Exception as exc:
+        body = {"status": "unavailable", "database": f"{exc.__class__.__name__}"}
+        return Response(orjson.dumps(body), 503)
+    bus = None if hs.bus is None else ("connected" if hs.bus.connected else "disconnected (polling)")
+    return Response(orjson.dumps({"status": "ok", "database": "ok", "bus": bus, "worker": hs.instance_id}))
+
+
 def register(routes: RouteTable) -> None:
     routes.add("GET", "/_matrix/client/versions", versions, auth=False)
     routes.add("GET", "/.well-known/matrix/client", well_known_client, auth=False)
     routes.add("GET", CLIENT_V3 + "/capabilities", capabilities)
     routes.add("GET", "/health", health, auth=False)
+    routes.add("GET", "/ready", ready, auth=False)

@@ -38,8 +38,9 @@ async def device_signing_upload(req: Request) -> dict[str, Any]:
     """POST /_matrix/client/v3/keys/device_signing/upload"""
     body = await req.json()
     user = req.requester.user_id
-    if await req.hs.keys.has_master_key(user):
-        # Replacing cross-signing keys needs the password; the first upload does not.
+    if await req.hs.keys.cross_signing_upload_needs_auth(user, body):
+        # Replacing cross-signing keys needs the password; the first upload does not, and
+        # neither does uploading exactly the keys already stored (a retried request).
         fingerprint = UiaService.fingerprint(req.method, req.path.replace("/r0/", "/v3/"), user)
         await req.hs.uia.authenticate(body, flows=[["m.login.password"]], fingerprint=fingerprint, user_id=user)
     await req.hs.keys.upload_cross_signing(req.requester, body)

@@ -8,7 +8,7 @@ from bastion.api.http import CLIENT_V3, Request, Response, RouteTable
 from bastion.core.filters import Filter
 from bastion.errors import Forbidden, InvalidParam, NotFound
 from bastion.services.sync import SyncRequest
-from bastion.streams.tokens import StreamToken
+from bastion.streams.tokens import StreamToken, durable_positions
 
 
 def _check_user(req: Request) -> str:
@@ -30,6 +30,10 @@ async def sync(req: Request) -> Response:
     """GET /_matrix/client/v3/sync"""
     since_raw = req.query_str("since")
     since = StreamToken.decode(since_raw) if since_raw else None
+    if since is not None:
+        # A token another worker issued may be ahead of this one: catch up first, so
+        # nothing between the two positions is skipped or sent twice.
+        await req.hs.replicator.ensure(durable_positions(since))
     set_presence = req.query_str("set_presence")
     if set_presence is not None and set_presence not in ("offline", "online", "unavailable"):
         raise InvalidParam("'set_presence' must be offline, online or unavailable")
