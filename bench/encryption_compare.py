@@ -255,7 +255,7 @@ def render(result: dict[str, Any]) -> str:
         rows.append(
             [
                 f"encryption {mode}",
-                result["max_rate"][mode],
+                result["max_rate"][mode] or "none passed",
                 " / ".join(str(s["max_rate"]) for s in best),
                 f"{last.get('delivery_p50_ms')} / {last.get('delivery_p99_ms')}",
                 last.get("server_cpu_ms_per_msg"),

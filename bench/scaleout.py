@@ -165,11 +165,14 @@ def render(result: dict[str, Any]) -> str:
                 [lay["config"], lay["server"]["label"], f"error: {lay['error']}", *[""] * 9]
             )
             continue
+        if not lay.get("max_rate"):
+            rows.append([lay["config"], lay["server"]["label"], "none passed", *[""] * 9])
+            continue
         rows.append(
             [
                 lay["config"],
                 lay["server"]["label"],
-                lay.get("max_rate") or "none passed",
+                lay["max_rate"],
                 f"{lay.get('delivery_p50_ms')} / {lay.get('delivery_p99_ms')}",
                 lay.get("deliveries_per_s"),
                 lay.get("server_cpu_cores"),

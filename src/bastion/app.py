@@ -156,6 +156,7 @@ def open_migrated_database(settings: Settings) -> Database:
     db = open_database(
         url,
         pool_size=settings.database.pool_size,
+        connect_timeout=settings.database.connect_timeout,
         sqlite_synchronous=settings.database.sqlite_synchronous,
         sqlite_readers=settings.database.sqlite_readers,
     )

@@ -36,6 +36,8 @@ class DatabaseSettings(_Section):
     url: str | None = None
     url_file: Path | None = None
     pool_size: Annotated[int, Field(gt=0, le=200)] = 10
+    # How long a request waits for a PostgreSQL connection before it fails with 503.
+    connect_timeout: Annotated[float, Field(gt=0, le=300)] = 5.0
     sqlite_synchronous: Literal["normal", "full"] = "normal"
     sqlite_readers: Annotated[int, Field(gt=0, le=32)] = 2
 

@@ -202,7 +202,7 @@ class SqliteDatabase(Database):
 class PostgresDatabase(Database):
     dialect: Dialect = "postgres"
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -212,9 +212,18 @@ class PostgresDatabase(Database):
             url,
             min_size=1,
             max_size=pool_size,
-            kwargs={"autocommit": False, "prepare_threshold": 3},
+            kwargs={
+                "autocommit": False,
+                "prepare_threshold": 3,
+                "connect_timeout": max(1, int(connect_timeout)),
+            },
             open=False,
             name="bastion",
+            # A request waits this long for a connection; with PostgreSQL down it then
+            # gets 503 rather than hanging until the client gives up.
+            timeout=connect_timeout,
+            # Keep trying to reconnect in the background for as long as it takes.
+            reconnect_timeout=24 * 3600,
         )
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="pg")
 
@@ -288,11 +297,18 @@ def sqlite_path_from_url(url: str) -> Path:
     return Path(url[len("sqlite:///"):])
 
 
-def open_database(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "normal", sqlite_readers: int = 2) -> Database:
+def open_database(
+    url: str,
+    *,
+    pool_size: int = 10,
+    connect_timeout: float = 5.0,
+    sqlite_synchronous: str = "normal",
+    sqlite_readers: int = 2,
+) -> Database:
     """Open (but do not migrate) the database named by ``url``."""
     if url.startswith("sqlite:"):
         return SqliteDatabase(sqlite_path_from_url(url), synchronous=sqlite_synchronous, readers=sqlite_readers)
-    db = PostgresDatabase(url, pool_size=pool_size)
+    db = PostgresDatabase(url, pool_size=pool_size, connect_timeout=connect_timeout)
     try:
         db.open()
     except Exception as exc:
