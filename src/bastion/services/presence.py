@@ -75,14 +75,20 @@ class PresenceService:
 
     # -- changing state ---------------------------------------------------------------------
 
-    async def _set(self, user_id: str, presence: str, status_msg: str | None, keep_msg: bool) -> None:
+    async def _set(self, user_id: str, presence: str, status_msg: str | None, keep_msg: bool, explicit: bool = False) -> None:
         changed = self._update(user_id, presence, status_msg, keep_msg)
         if changed is None:
-            return
+            if not (explicit and self.bus is not None):
+                return
+            # Unchanged here, but a worker serving the user's syncs may think otherwise.
+            changed = self._states[user_id]
         if self.bus is not None:
             await self.bus.publish("presence", {
                 "u": user_id, "p": changed.presence, "m": changed.status_msg, "a": changed.last_active_ms,
                 "c": user_id in self._syncing,
+                # Set through PUT /presence: every worker takes it, even one that is
+                # serving the user's syncs (which otherwise decides their presence).
+                "x": explicit,
             })
         await self._wake_watchers(user_id)
 
@@ -112,7 +118,7 @@ class PresenceService:
         if not isinstance(user_id, str) or presence not in STATES:
             return
         status_msg = data.get("m") if isinstance(data.get("m"), str) else None
-        if user_id in self._syncing:
+        if user_id in self._syncing and not data.get("x"):
             return  # this worker serves the user's own syncs and decides their presence
         state = self._update(user_id, presence, status_msg, keep_msg=False)
         if state is None:
@@ -142,7 +148,7 @@ class PresenceService:
         if status_msg is not None and (not isinstance(status_msg, str) or len(status_msg) > MAX_STATUS_MSG):
             raise BadJson("'status_msg' must be a string of at most 1024 characters")
         if self.enabled:
-            await self._set(user_id, presence, status_msg, keep_msg=False)
+            await self._set(user_id, presence, status_msg, keep_msg=False, explicit=True)
 
     async def sync_started(self, user_id: str, set_presence: str | None) -> None:
         if not self.enabled:
