@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -190,3 +191,40 @@ def test_readiness_and_metrics_on_their_own_listener(make_server) -> None:
     assert room not in text
     # Not on the public listener.
     assert httpx.get(srv.base_url + "/metrics").status_code == 404
+
+
+def test_long_poll_is_abandoned_when_the_client_hangs_up(make_server) -> None:
+    """A client that drops its /sync long-poll (a phone changing networks) frees it at
+    once, instead of leaving it waiting out its timeout."""
+    metrics_port = free_port()
+    srv: ServerProcess = make_server(metrics={"enabled": True, "listen": {"host": "127.0.0.1", "port": metrics_port}})
+    alice = srv.client().register()
+    since = alice.sync()["next_batch"]
+    workers = len(getattr(srv, "worker_ports", [None]))
+
+    def waiting() -> float:
+        total = 0.0
+        for i in range(workers):
+            for line in httpx.get(f"http://127.0.0.1:{metrics_port + i}/metrics").text.splitlines():
+                if line.startswith("bastion_sync_waiting "):
+                    total += float(line.split()[1])
+        return total
+
+    def poll_and_hang_up() -> None:
+        with contextlib.suppress(httpx.ReadTimeout):
+            httpx.get(srv.base_url + "/_matrix/client/v3/sync",
+                      params={"since": since, "timeout": "120000"},
+                      headers={"Authorization": f"Bearer {alice.token}"},
+                      timeout=httpx.Timeout(10, read=3))
+
+    thread = threading.Thread(target=poll_and_hang_up)
+    thread.start()
+    deadline = time.monotonic() + 2.5
+    while waiting() < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waiting() == 1, "the long-poll never started waiting"
+    thread.join(10)  # the client gives up after 3 s and closes its connection
+    deadline = time.monotonic() + 3
+    while waiting() > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waiting() == 0, "the server kept waiting for a client that had hung up"

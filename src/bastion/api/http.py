@@ -17,6 +17,8 @@ Handlers are ``async def handler(req: Request) -> Response | dict``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import re
@@ -24,7 +26,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
 import orjson
@@ -43,6 +45,7 @@ from bastion.errors import (
 from bastion.security.crypto import IntegrityError
 from bastion.services.requester import current_client
 
+T = TypeVar("T")
 log = logging.getLogger("bastion.http")
 
 CORS_HEADERS = [
@@ -200,6 +203,36 @@ class Request:
                 yield chunk
             if not message.get("more_body", False):
                 return
+
+    async def cancel_on_disconnect(self, work: Awaitable[T]) -> T:
+        """Run ``work``, abandoning it if the client hangs up first.
+
+        For long-polls: without this a client that disconnects (a phone changing
+        networks) leaves its request waiting until the timeout, holding memory, and a
+        client that reconnects repeatedly piles such waits up. Only for requests whose
+        body has been read (or that have none): this consumes the ASGI receive channel.
+        """
+        task: asyncio.Future[T] = asyncio.ensure_future(work)
+
+        async def disconnected() -> None:
+            while (await self.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher: asyncio.Future[Any] = asyncio.ensure_future(disconnected())
+        pending: set[asyncio.Future[Any]] = {task, watcher}
+        try:
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await task
+        raise _ClientGone()
 
     async def json(self, *, allow_empty: bool = False) -> dict[str, Any]:
         raw = await self.body()

@@ -48,6 +48,9 @@ async def sync(req: Request) -> Response:
         timeline_limit=req.hs.settings.limits.timeline_limit_default,
         set_presence=set_presence,
     )
+    if request.timeout_ms > 0:
+        # A long-poll: stop waiting (and free what it holds) if the client hangs up.
+        return Response(await req.cancel_on_disconnect(req.hs.sync.sync(request)))
     return Response(await req.hs.sync.sync(request))
 
 
