@@ -13,9 +13,17 @@ between rounds) runs four phases against each server:
 
 * ``large up`` — ``POST /_matrix/media/v3/upload`` of one ``--large-mib`` (50) MiB file;
 * ``large down`` — ``GET /_matrix/client/v1/media/download/localhost/{id}`` of it;
-* ``small up`` — ``--small-count`` (200) files of ``--small-kib`` (100) KiB,
+* ``small up`` — ``--small-count`` (100) files of ``--small-kib`` (1024) KiB,
   ``--concurrency`` (4) requests in flight;
-* ``small down`` — the same 200 files downloaded, same concurrency.
+* ``small down`` — the same files downloaded, same concurrency;
+* ``thumbnails`` — ``--images`` (40) distinct 1920x1080 JPEG photos-sized images (coloured
+  noise, about 1 MiB each), each uploaded and then its 320x240 ``scale`` thumbnail fetched
+  (``GET /_matrix/client/v1/media/thumbnail/...``), ``--concurrency`` images in flight.
+  Reported: images/s until the last thumbnail is served, and the server's CPU seconds
+  per image counted until the server is idle again — both servers make several sizes
+  per image (Synapse while uploading, Bastion in the background after it), so the
+  CPU per image is the fair measure of thumbnailing cost. Every thumbnail is decoded and
+  must be an image no larger than 800x600.
 
 File contents are random (``os.urandom``), fresh each round. Every download is
 compared byte for byte with what was uploaded (after the clock stops). Measured per
@@ -48,7 +56,7 @@ import aiohttp
 import benchlib as bl
 from loadgen import LOOP_FACTORY, SetupClient, loads, register
 
-PHASES = ("large up", "large down", "small up", "small down")
+PHASES = ("large up", "large down", "small up", "small down", "thumbnails")
 
 
 class Measure:
@@ -83,8 +91,10 @@ class Measure:
         }
 
 
-async def upload(session: aiohttp.ClientSession, base: str, token: str, data: bytes) -> str:
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+async def upload(
+    session: aiohttp.ClientSession, base: str, token: str, data: bytes, content_type: str = "application/octet-stream"
+) -> str:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": content_type}
     async with session.post(f"{base}/_matrix/media/v3/upload", data=data, headers=headers) as resp:
         raw = await resp.read()
         if resp.status != 200:
@@ -102,6 +112,42 @@ async def download(session: aiohttp.ClientSession, base: str, token: str, media_
         async for piece in resp.content.iter_chunked(1 << 20):
             buf += piece
     return bytes(buf)
+
+
+def make_images(count: int, width: int = 1920, height: int = 1080) -> list[bytes]:
+    """Distinct JPEGs of coloured noise (the worst case for a JPEG encoder, ~1 MiB each)."""
+    import io
+
+    from PIL import Image
+
+    images = []
+    for i in range(count):
+        bands = [Image.effect_noise((width, height), 30 + (i * 7 + c) % 40) for c in range(3)]
+        buf = io.BytesIO()
+        Image.merge("RGB", bands).save(buf, "JPEG", quality=85)
+        images.append(buf.getvalue())
+    return images
+
+
+async def upload_and_thumbnail(session: aiohttp.ClientSession, base: str, token: str, data: bytes) -> bytes:
+    media_id = await upload(session, base, token, data, "image/jpeg")
+    url = f"{base}/_matrix/client/v1/media/thumbnail/localhost/{media_id}?width=320&height=240&method=scale"
+    async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+        body = await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"thumbnail -> {resp.status}: {body[:300]!r}")
+    return body
+
+
+def check_thumbnails(thumbs: list[bytes]) -> None:
+    import io
+
+    from PIL import Image
+
+    for body in thumbs:
+        with Image.open(io.BytesIO(body)) as img:
+            if img.width > 800 or img.height > 600:
+                raise RuntimeError(f"a thumbnail of {img.width}x{img.height} is larger than any thumbnail size")
 
 
 async def bounded(limit: int, coros: list[Any]) -> list[Any]:
@@ -140,6 +186,24 @@ async def one_round(server: bl.Server, token: str, args: argparse.Namespace) -> 
         bad = sum(1 for a, b in zip(small, back, strict=True) if a != b)
         if bad:
             raise RuntimeError(f"{bad} small downloads differ from their uploads")
+        if args.images:
+            images = make_images(args.images)
+            bl.wait_idle(server.server_pids(), max_wait=30)
+            with Measure(server) as m:
+                thumbs = await bounded(
+                    args.concurrency, [upload_and_thumbnail(session, base, token, d) for d in images]
+                )
+                served = time.perf_counter() - m.t
+                # Background thumbnailing (Bastion makes the other sizes after the upload).
+                await asyncio.to_thread(bl.wait_idle, server.server_pids(), 60.0)
+            check_thumbnails(thumbs)
+            report = m.report(sum(map(len, images)), len(images))
+            report["seconds"] = round(served, 3)
+            report["files_per_s"] = round(len(images) / served, 1)
+            report["mib_per_s"] = round(sum(map(len, images)) / 2**20 / served, 1)
+            # wait_idle's last quiet second is not thumbnailing; leave it out.
+            report["server_cpu_ms_per_image"] = round(1000 * report["server_cpu_s"] / len(images), 1)
+            out["thumbnails"] = report
     return out
 
 
@@ -166,8 +230,9 @@ def main() -> int:
     p.add_argument("--servers", default="bastion,synapse", help="bastion, bastion-noenc, synapse")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--large-mib", type=int, default=50)
-    p.add_argument("--small-count", type=int, default=200)
-    p.add_argument("--small-kib", type=int, default=100)
+    p.add_argument("--small-count", type=int, default=100)
+    p.add_argument("--small-kib", type=int, default=1024)
+    p.add_argument("--images", type=int, default=40, help="images for the thumbnail phase (0: skip it)")
     p.add_argument("--concurrency", type=int, default=4, help="small-file requests in flight")
     p.add_argument("--results-dir", type=Path)
     args = p.parse_args()
@@ -203,6 +268,7 @@ def main() -> int:
                     + ", ".join(
                         f"{ph} {phases[ph]['mib_per_s']} MiB/s (peak {phases[ph]['peak_rss_mib']} MiB)"
                         for ph in PHASES
+                        if ph in phases
                     )
                 )
         result = summarise(args, servers, rounds, idle_rss)
@@ -222,6 +288,7 @@ def summarise(
     idle_rss: dict[str, float],
 ) -> dict[str, Any]:
     summary: dict[str, Any] = {}
+    phases = [ph for ph in PHASES if all(ph in r for r in rounds)]
     for name in servers:
         mine = [r for r in rounds if r["server"] == name]
         summary[name] = {
@@ -235,8 +302,13 @@ def summarise(
                     "peak_rss_mib": max(
                         (r[phase]["peak_rss_mib"] or 0 for r in mine), default=None
                     ),
+                    **(
+                        {"server_cpu_ms_per_image": bl.median(r[phase]["server_cpu_ms_per_image"] for r in mine)}
+                        if phase == "thumbnails"
+                        else {}
+                    ),
                 }
-                for phase in PHASES
+                for phase in phases
             },
         }
     return {
@@ -245,6 +317,8 @@ def summarise(
             "large_mib": args.large_mib,
             "small_count": args.small_count,
             "small_kib": args.small_kib,
+            "images": args.images,
+            "phases": phases,
             "concurrency": args.concurrency,
             "rounds": args.rounds,
             "throughput": "median over rounds",
@@ -258,28 +332,30 @@ def summarise(
 
 def render(result: dict[str, Any]) -> str:
     m = result["method"]
+    phases = m["phases"]
     header = ["server", "idle RSS (MiB)"]
-    for phase in PHASES:
-        unit = "MiB/s" if phase.startswith("large") else "MiB/s (files/s)"
+    for phase in phases:
+        unit = {"large": "MiB/s", "small": "MiB/s (files/s)", "thumbnails": "images/s (CPU ms/image)"}[phase.split()[0]]
         header += [f"{phase} {unit}", f"{phase} peak RSS (MiB)"]
-    header.append("server CPU s (large up / down / small up / down)")
+    header.append("server CPU s (" + " / ".join(phases) + ")")
     rows = []
     for name, s in result["summary"].items():
         row: list[Any] = [result["servers"][name]["label"], s["idle_rss_mib"]]
-        for phase in PHASES:
+        for phase in phases:
             ph = s[phase]
-            speed = (
-                f"{ph['mib_per_s']}"
-                if phase.startswith("large")
-                else f"{ph['mib_per_s']} ({ph['files_per_s']})"
-            )
+            if phase.startswith("large"):
+                speed = f"{ph['mib_per_s']}"
+            elif phase == "thumbnails":
+                speed = f"{ph['files_per_s']} ({ph['server_cpu_ms_per_image']})"
+            else:
+                speed = f"{ph['mib_per_s']} ({ph['files_per_s']})"
             row += [speed, ph["peak_rss_mib"]]
-        row.append(" / ".join(str(s[phase]["server_cpu_s"]) for phase in PHASES))
+        row.append(" / ".join(str(s[phase]["server_cpu_s"]) for phase in phases))
         rows.append(row)
     return "\n".join(
         [
             f"### Media — one {m['large_mib']} MiB file, {m['small_count']} files of "
-            f"{m['small_kib']} KiB ({m['concurrency']} in flight)",
+            f"{m['small_kib']} KiB, {m['images']} images to thumbnail ({m['concurrency']} in flight)",
             "",
             bl.md_table(header, rows),
             "",
