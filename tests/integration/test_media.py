@@ -123,6 +123,23 @@ def test_thumbnails(user: MatrixHttp) -> None:
     assert resp.status_code == 400
 
 
+def test_concurrent_thumbnail_requests_right_after_upload_agree(user: MatrixHttp) -> None:
+    """Clients asking at once for a size the background pass is also making all get it."""
+    mid = media_id(upload(user, png(1600, 1200, (10, 120, 200))).json()["content_uri"])
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(_: int) -> tuple[int, bytes]:
+        resp = user.raw("GET", f"/_matrix/client/v1/media/thumbnail/localhost/{mid}",
+                        params={"width": 320, "height": 240, "method": "scale"})
+        return resp.status_code, resp.content
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(fetch, range(6)))
+    assert [status for status, _ in results] == [200] * 6
+    assert len({body for _, body in results}) == 1
+    assert Image.open(io.BytesIO(results[0][1])).size == (320, 240)
+
+
 def test_decompression_bomb_refused(user: MatrixHttp) -> None:
     # A tiny PNG that claims 20000 x 20000 pixels (400 million).
     buffer = io.BytesIO()

@@ -159,6 +159,9 @@ class MediaService:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="thumbnail")
         self._waiters: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Thumbnails being made now, so a client's request and the background pass
+        # that follows an upload share one piece of work instead of doing it twice.
+        self._making: dict[tuple[str, int, int, str], asyncio.Future[tuple[int, int, str, str, int] | None]] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -395,6 +398,9 @@ class MediaService:
     async def _pregenerate(self, media_id: str, user_id: str, encrypted: bool, content_type: str) -> None:
         for width, height, method in THUMBNAIL_SIZES:
             try:
+                existing = await self._db.read(media_store.thumbnails, media_id)
+                if any(t[0] == width and t[1] == height and t[2] == method for t in existing):
+                    continue  # a client asked for this size first
                 await self._generate(media_id, user_id, encrypted, content_type, width, height, method)
             except MatrixError as exc:
                 log.info("no thumbnail for %s: %s", media_id, exc.message)
@@ -404,6 +410,31 @@ class MediaService:
                 return
 
     async def _generate(
+        self, media_id: str, user_id: str, encrypted: bool, content_type: str, width: int, height: int, method: str
+    ) -> tuple[int, int, str, str, int] | None:
+        """Make (and store) one thumbnail; concurrent calls for the same one share the work."""
+        making = (media_id, width, height, method)
+        pending = self._making.get(making)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[tuple[int, int, str, str, int] | None] = asyncio.get_running_loop().create_future()
+        self._making[making] = fut
+        try:
+            result = await self._generate_now(media_id, user_id, encrypted, content_type, width, height, method)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: only the callers that share it re-raise
+            raise
+        else:
+            fut.set_result(result)
+            return result
+        finally:
+            del self._making[making]
+
+    async def _generate_now(
         self, media_id: str, user_id: str, encrypted: bool, content_type: str, width: int, height: int, method: str
     ) -> tuple[int, int, str, str, int] | None:
         key, binding = _original(media_id)
