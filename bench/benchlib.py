@@ -109,7 +109,7 @@ def results_dir(name: str, given: Path | None) -> Path:
     return given
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(load_average: bool = True) -> dict[str, Any]:
     model = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -131,7 +131,7 @@ def machine_info() -> dict[str, Any]:
         "memory_gib": mem_gib,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
+        **({"load_average": [round(x, 2) for x in os.getloadavg()]} if load_average else {}),
     }
 
 

@@ -9,38 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
+from benchlib import machine_info
+
 TARGET_RATIO = 20.0
-
-
-def machine_info() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "cores": os.cpu_count(),
-        "memory_gib": mem_gib,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
 
 
 def _row(name: str, result: dict[str, Any] | None) -> list[str]:
@@ -79,7 +54,7 @@ def render(results_dir: Path) -> str:
     for name in ("bastion", "synapse"):
         path = results_dir / f"{name}.json"
         loaded[name] = json.loads(path.read_text()) if path.exists() else None
-    info = machine_info()
+    info = machine_info(load_average=False)
     header = [
         "server",
         "max rate (msg/s)",
@@ -123,7 +98,7 @@ def main() -> int:
     args = parser.parse_args()
     text = render(args.results_dir)
     (args.results_dir / "summary.md").write_text(text)
-    (args.results_dir / "machine.json").write_text(json.dumps(machine_info(), indent=2) + "\n")
+    (args.results_dir / "machine.json").write_text(json.dumps(machine_info(load_average=False), indent=2) + "\n")
     sys.stdout.write(text)
     return 0
 

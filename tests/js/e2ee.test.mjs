@@ -23,10 +23,12 @@ import {
     clientFor,
     describeRoom,
     passwordLogin,
+    rawRequest,
     rawSyncTimeline,
     sdk,
     startSyncing,
     stopAll,
+    unique,
     waitFor,
     withTimeout,
 } from "./helpers.mjs";
@@ -44,10 +46,6 @@ const started = [];
 
 after(() => stopAll(...started));
 
-function unique(prefix) {
-    return `${prefix} ${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
-}
-
 /** Log in a new device, initialise Rust crypto (in memory) and start syncing. */
 async function cryptoClient(user, deviceName = "js-sdk e2ee test", clientOpts = {}) {
     const login = await passwordLogin(user, { deviceName });
@@ -56,14 +54,6 @@ async function cryptoClient(user, deviceName = "js-sdk e2ee test", clientOpts = 
     started.push(client);
     await startSyncing(client);
     return client;
-}
-
-/** A raw Client-Server call, bounded. */
-function raw(client, method, path, { query, body } = {}) {
-    return withTimeout(
-        client.http.authedRequest(method, path, query, body, { prefix: sdk.ClientPrefix.V3 }),
-        `${method} ${path}`,
-    );
 }
 
 const encryptionState = { type: "m.room.encryption", state_key: "", content: { algorithm: MEGOLM } };
@@ -330,7 +320,7 @@ describe("end-to-end encryption with the Rust crypto stack", { timeout: E2EE_TES
         // GET /keys/changes over the same span of sync tokens says the same.
         const fromToken = alice.wire.syncs[aliceSyncsFrom - 1].next_batch;
         const toToken = alice.wire.syncs.at(-1).next_batch;
-        const keyChanges = await raw(alice, "GET", "/keys/changes", { query: { from: fromToken, to: toToken } });
+        const keyChanges = await rawRequest(alice, "GET", "/keys/changes", { query: { from: fromToken, to: toToken } });
         assert.ok(keyChanges.changed?.includes(bob.getUserId()), `/keys/changes: ${JSON.stringify(keyChanges)}`);
         assert.ok(!keyChanges.left?.includes(bob.getUserId()), `/keys/changes: ${JSON.stringify(keyChanges)}`);
 
@@ -396,7 +386,7 @@ describe("end-to-end encryption with the Rust crypto stack", { timeout: E2EE_TES
         const selfId = await crypto.getCrossSigningKeyId(CrossSigningKey.SelfSigning);
         const userSigningId = await crypto.getCrossSigningKeyId(CrossSigningKey.UserSigning);
         assert.ok(masterId && selfId && userSigningId, "all three key IDs known");
-        const own = await raw(carol, "POST", "/keys/query", { body: { device_keys: { [carolId]: [] } } });
+        const own = await rawRequest(carol, "POST", "/keys/query", { body: { device_keys: { [carolId]: [] } } });
         const keyOf = (section) => Object.values(own[section]?.[carolId]?.keys ?? {})[0];
         assert.equal(keyOf("master_keys"), masterId, JSON.stringify(own));
         assert.equal(keyOf("self_signing_keys"), selfId, JSON.stringify(own));
@@ -413,7 +403,7 @@ describe("end-to-end encryption with the Rust crypto stack", { timeout: E2EE_TES
 
         // Another user gets master and self-signing keys but not carol's user-signing key,
         // and her crypto accepts carol's device as signed by its owner.
-        const seen = await raw(alice, "POST", "/keys/query", { body: { device_keys: { [carolId]: [] } } });
+        const seen = await rawRequest(alice, "POST", "/keys/query", { body: { device_keys: { [carolId]: [] } } });
         assert.equal(Object.values(seen.master_keys?.[carolId]?.keys ?? {})[0], masterId);
         assert.equal(Object.values(seen.self_signing_keys?.[carolId]?.keys ?? {})[0], selfId);
         assert.equal(seen.user_signing_keys?.[carolId], undefined, "user-signing keys go to their owner only");
@@ -451,7 +441,7 @@ describe("end-to-end encryption with the Rust crypto stack", { timeout: E2EE_TES
 
         const newMasterId = await crypto.getCrossSigningKeyId(CrossSigningKey.Master);
         assert.ok(newMasterId && newMasterId !== masterId, "a new master key");
-        const after = await raw(carol, "POST", "/keys/query", { body: { device_keys: { [carolId]: [] } } });
+        const after = await rawRequest(carol, "POST", "/keys/query", { body: { device_keys: { [carolId]: [] } } });
         assert.equal(Object.values(after.master_keys[carolId].keys)[0], newMasterId);
         assert.equal(await crypto.isCrossSigningReady(), true);
         const resigned = after.device_keys[carolId][carol.getDeviceId()];
@@ -517,7 +507,7 @@ describe("end-to-end encryption with the Rust crypto stack", { timeout: E2EE_TES
             `POST /keys/device_signing/upload with exactly the keys already stored (no auth) ` +
                 `should succeed without UIA; got ${retry.status} ${retryBody}`,
         );
-        const after = await raw(erin, "POST", "/keys/query", { body: { device_keys: { [erin.getUserId()]: [] } } });
+        const after = await rawRequest(erin, "POST", "/keys/query", { body: { device_keys: { [erin.getUserId()]: [] } } });
         assert.equal(Object.values(after.master_keys[erin.getUserId()].keys)[0], masterId, "keys unchanged");
     });
 
@@ -536,7 +526,7 @@ describe("end-to-end encryption with the Rust crypto stack", { timeout: E2EE_TES
         assert.equal(info.algorithm, BACKUP_ALGORITHM);
         assert.equal(typeof info.auth_data.public_key, "string");
         assert.deepEqual(await crypto1.isKeyBackupTrusted(info), { matchesDecryptionKey: true, trusted: true });
-        const fresh = await raw(dave1, "GET", "/room_keys/version");
+        const fresh = await rawRequest(dave1, "GET", "/room_keys/version");
         assert.equal(fresh.version, version);
         assert.equal(fresh.count, 0);
         assert.equal(typeof fresh.etag, "string");
@@ -559,7 +549,7 @@ describe("end-to-end encryption with the Rust crypto stack", { timeout: E2EE_TES
         // dave's device uploads both sessions to the backup on its own.
         const backedUp = await waitFor(
             async () => {
-                const keys = await raw(dave1, "GET", "/room_keys/keys", { query: { version } });
+                const keys = await rawRequest(dave1, "GET", "/room_keys/keys", { query: { version } });
                 const sessions = Object.keys(keys.rooms?.[roomId]?.sessions ?? {}).sort();
                 return sessionIds.every((id) => sessions.includes(id)) ? keys : null;
             },
@@ -574,14 +564,14 @@ describe("end-to-end encryption with the Rust crypto stack", { timeout: E2EE_TES
             for (const field of ["ciphertext", "ephemeral", "mac"]) {
                 assert.equal(typeof data.session_data[field], "string", `session_data.${field}`);
             }
-            const one = await raw(dave1, "GET", `/room_keys/keys/${encodeURIComponent(roomId)}/${encodeURIComponent(id)}`, {
+            const one = await rawRequest(dave1, "GET", `/room_keys/keys/${encodeURIComponent(roomId)}/${encodeURIComponent(id)}`, {
                 query: { version },
             });
             assert.deepEqual(one, data, "GET /room_keys/keys/{roomId}/{sessionId}");
         }
-        const roomKeys = await raw(dave1, "GET", `/room_keys/keys/${encodeURIComponent(roomId)}`, { query: { version } });
+        const roomKeys = await rawRequest(dave1, "GET", `/room_keys/keys/${encodeURIComponent(roomId)}`, { query: { version } });
         assert.deepEqual(roomKeys, backedUp.rooms[roomId], "GET /room_keys/keys/{roomId}");
-        const counted = await raw(dave1, "GET", "/room_keys/version");
+        const counted = await rawRequest(dave1, "GET", "/room_keys/version");
         assert.equal(counted.count, Object.keys(backedUp.rooms).reduce((n, r) => n + Object.keys(backedUp.rooms[r].sessions).length, 0));
         assert.ok(counted.count >= 2);
         assert.notEqual(counted.etag, fresh.etag, "the etag changes when keys are added");

@@ -25,7 +25,10 @@ import {
     sdk,
     startSyncing,
     stopAll,
+    unique,
     waitFor,
+    waitForMemberOf,
+    waitForMembership,
     withTimeout,
 } from "./helpers.mjs";
 
@@ -43,28 +46,6 @@ before(async () => {
 after(() => stopAll(alice, bob, ...extraClients));
 
 const both = () => [alice, bob];
-
-function unique(prefix) {
-    return `${prefix} ${Date.now().toString(36)}${Math.random().toString(36).slice(2, 6)}`;
-}
-
-/** Wait until `client` has `roomId` with the given membership (via sync). */
-function waitForMembership(client, roomId, membership) {
-    return waitFor(
-        () => client.getRoom(roomId)?.getMyMembership() === membership,
-        `${client.getUserId()} to see membership '${membership}' in ${roomId} via sync`,
-        { describe: () => describeRoom(client, roomId) },
-    );
-}
-
-/** Wait until `client` sees `userId`'s membership in `roomId` as `membership`. */
-function waitForMemberOf(client, roomId, userId, membership) {
-    return waitFor(
-        () => client.getRoom(roomId)?.getMember(userId)?.membership === membership,
-        `${client.getUserId()} to see ${userId} as '${membership}' in ${roomId}`,
-        { describe: () => describeRoom(client, roomId) },
-    );
-}
 
 /**
  * Wait until each client's live timeline for `roomId` holds as many messages as
