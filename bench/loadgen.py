@@ -355,9 +355,14 @@ class SetupClient:
 
 async def register(client: SetupClient, secret: str, localpart: str) -> tuple[str, str]:
     """Shared-secret registration (``/_synapse/admin/v1/register``); returns (user_id, token)."""
+    result = await register_account(client, secret, localpart, secrets.token_urlsafe(18))
+    return result["user_id"], result["access_token"]
+
+
+async def register_account(client: SetupClient, secret: str, localpart: str, password: str) -> dict[str, Any]:
+    """Shared-secret registration with a chosen password; the server's whole answer."""
     path = "/_synapse/admin/v1/register"
     nonce = (await client.call("GET", path))["nonce"]
-    password = secrets.token_urlsafe(18)
     mac = hmac.new(secret.encode(), digestmod=hashlib.sha1)
     mac.update(b"\x00".join([nonce.encode(), localpart.encode(), password.encode(), b"notadmin"]))
     body = {
@@ -367,8 +372,8 @@ async def register(client: SetupClient, secret: str, localpart: str) -> tuple[st
         "admin": False,
         "mac": mac.hexdigest(),
     }
-    result = await client.call("POST", path, body=body)
-    return result["user_id"], result["access_token"]
+    result: dict[str, Any] = await client.call("POST", path, body=body)
+    return result
 
 
 def sync_filter(timeline_limit: int) -> dict[str, Any]:

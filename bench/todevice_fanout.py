@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import os
 import secrets
 import shutil
@@ -54,7 +52,7 @@ from urllib.parse import quote
 
 import aiohttp
 import benchlib as bl
-from loadgen import LOOP_FACTORY, dumps, loads, raise_fd_limit
+from loadgen import LOOP_FACTORY, SetupClient, dumps, loads, raise_fd_limit, register_account
 
 CLIENT_V3 = "/_matrix/client/v3"
 EVENT_TYPE = "m.bench.fanout"
@@ -85,47 +83,12 @@ class Round:
     all_done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class Api:
-    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
-        self.session = session
-        self.base = base
-
-    async def call(self, method: str, path: str, token: str | None = None, body: Any = None) -> Any:
-        headers = {"Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        data = dumps(body) if body is not None else None
-        for _ in range(20):
-            async with self.session.request(
-                method, self.base + path, data=data, headers=headers
-            ) as resp:
-                raw = await resp.read()
-                if resp.status == 429:
-                    await asyncio.sleep(1)
-                    continue
-                if resp.status != 200:
-                    raise RuntimeError(f"{method} {path} -> {resp.status}: {raw[:300]!r}")
-                return loads(raw)
-        raise RuntimeError(f"{method} {path}: still rate limited")
-
-
-async def register(api: Api, secret: str, localpart: str, password: str) -> Device:
-    path = "/_synapse/admin/v1/register"
-    nonce = (await api.call("GET", path))["nonce"]
-    mac = hmac.new(secret.encode(), digestmod=hashlib.sha1)
-    mac.update(b"\x00".join([nonce.encode(), localpart.encode(), password.encode(), b"notadmin"]))
-    body = {
-        "nonce": nonce,
-        "username": localpart,
-        "password": password,
-        "admin": False,
-        "mac": mac.hexdigest(),
-    }
-    r = await api.call("POST", path, body=body)
+async def register(api: SetupClient, secret: str, localpart: str, password: str) -> Device:
+    r = await register_account(api, secret, localpart, password)
     return Device(r["user_id"], r["device_id"], r["access_token"])
 
 
-async def login(api: Api, localpart: str, password: str) -> Device:
+async def login(api: SetupClient, localpart: str, password: str) -> Device:
     body = {
         "type": "m.login.password",
         "identifier": {"type": "m.id.user", "user": localpart},
@@ -145,7 +108,7 @@ FILTER = {
 async def setup(server: bl.Server, users: int, devices: int) -> tuple[Device, list[Device]]:
     prefix = f"fan{secrets.token_hex(3)}_"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-        api = Api(session, server.base_url)
+        api = SetupClient(session, server.base_url)
         sender = await register(api, server.shared_secret, prefix + "sender", secrets.token_hex(12))
         sem = asyncio.Semaphore(4)
 
