@@ -45,6 +45,24 @@ def test_edits_are_bundled_not_applied(room_pair) -> None:
     assert "m.relations" not in event["unsigned"]
 
 
+def test_a_redacted_child_is_de_aggregated(room_pair) -> None:
+    """Spec: when a child event is redacted the relationship is broken — the edit reverts,
+    the thread loses the reply, /relations no longer lists it."""
+    alice, bob, room = room_pair
+    original = alice.send(room, "draft")
+    first = alice.send(room, edit(original, "better draft"))
+    second = alice.send(room, edit(original, "best draft"))
+    reply = bob.send(room, thread_reply(original, "looks good"))
+    alice.call("PUT", f"/_matrix/client/v3/rooms/{room}/redact/{second}/undo-edit", {})
+    bob.call("PUT", f"/_matrix/client/v3/rooms/{room}/redact/{reply}/undo-reply", {})
+    event = bob.call("GET", f"/_matrix/client/v3/rooms/{room}/event/{original}")
+    relations = event["unsigned"]["m.relations"]
+    assert relations["m.replace"]["event_id"] == first  # back to the edit before the redacted one
+    assert "m.thread" not in relations
+    listed = bob.call("GET", f"/_matrix/client/v1/rooms/{room}/relations/{original}")["chunk"]
+    assert [e["event_id"] for e in listed] == [first]
+
+
 def test_thread_summary_relations_and_threads_list(room_pair) -> None:
     alice, bob, room = room_pair
     root = alice.send(room, "thread root")

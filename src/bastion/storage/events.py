@@ -350,7 +350,8 @@ def apply_redaction(txn: Txn, target: Event, redaction_event_id: str) -> dict[st
     pruned = redact_pdu(target.pdu, target.room_version)
     search_store.unindex_event(txn, target.event_id)
     txn.execute(
-        "UPDATE events SET json = ?, redacted_by = ? WHERE event_id = ?",
+        # A redacted child no longer relates to its parent (spec: the relationship is broken).
+        "UPDATE events SET json = ?, redacted_by = ?, relates_to = NULL, rel_type = NULL WHERE event_id = ?",
         (
             seal(txn, "room", target.room_id, f"event|{target.event_id}|json", orjson.dumps(pruned)),
             redaction_event_id,
