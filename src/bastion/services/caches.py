@@ -29,6 +29,9 @@ from bastion.storage import rooms as rooms_store
 from bastion.storage.database import Database, Txn
 
 RECENT_EVENTS_PER_ROOM = 50
+# Rooms loaded per database transaction when many are needed at once (an initial /sync).
+# Running batches side by side on two reader threads was measured slower (the GIL).
+LOAD_BATCH = 100
 
 
 class EventCache:
@@ -161,6 +164,55 @@ class RoomSnapshot:
             return events[-limit:]
         return events if self.recent_floor == 0 else None
 
+    def state_rollback(self, position: int) -> tuple[dict[StateKey, Event], dict[StateKey, str]] | None:
+        """The state after every event at or before ``position``, worked out from memory.
+
+        A room's history is linear, so each state event newer than ``position`` replaced
+        exactly the entry its ``replaces_state`` names (or added its key). Undoing them,
+        newest first, gives the older state. Returns the state whose events memory holds
+        and, apart, the keys whose older event must be fetched by ID; None when the
+        events after ``position`` are not all in memory.
+        """
+        if position >= self.last_stream:
+            return dict(self.state), {}
+        if position < self.recent_floor:
+            return None
+        state = dict(self.state)
+        fetch: dict[StateKey, str] = {}
+        for event in reversed(self.recent):
+            if event.stream_ordering <= position:
+                break
+            if event.state_key is None:
+                continue
+            key = (event.type, event.state_key)
+            state.pop(key, None)
+            fetch.pop(key, None)
+            if event.replaces_state is not None:
+                fetch[key] = event.replaces_state
+        return state, fetch
+
+    def may_have_children(self, events: Iterable[Event]) -> bool:
+        """False only when no event in the room relates to any of ``events`` (for
+        bundled aggregations). A child always comes after its parent, so when every
+        parent is in the recent window, so is every child. (A redacted child relates to
+        nothing any more, in memory and in the database alike.)"""
+        ids = set()
+        oldest = None
+        for event in events:
+            if event.stream_ordering <= self.recent_floor:
+                return True
+            ids.add(event.event_id)
+            oldest = event.stream_ordering if oldest is None else min(oldest, event.stream_ordering)
+        if oldest is None:
+            return False
+        for event in reversed(self.recent):
+            if event.stream_ordering <= oldest:
+                break
+            relates = event.content.get("m.relates_to")
+            if isinstance(relates, dict) and relates.get("event_id") in ids:
+                return True
+        return False
+
     def power_levels_content(self) -> dict[str, Any]:
         event = self.state.get(("m.room.power_levels", ""))
         return event.content if event is not None else {}
@@ -171,13 +223,22 @@ def _load_room_txn(txn: Txn, room_id: str) -> tuple[Any, ...] | None:
     if room is None:
         return None
     state_ids = events_store.get_current_state_ids(txn, room_id)
-    state_events = events_store.get_events(txn, list(state_ids.values()))
-    latest = events_store.latest_room_event(txn, room_id)
     recent = events_store.get_room_events(txn, room_id, limit=RECENT_EVENTS_PER_ROOM, backwards=True)
     recent.reverse()
+    # State events among the recent ones are not read (and decrypted) a second time.
+    state_events = {e.event_id: e for e in recent if e.state_key is not None}
+    missing = [eid for eid in state_ids.values() if eid not in state_events]
+    if missing:
+        state_events.update(events_store.get_events(txn, missing))
+    latest = events_store.latest_room_event(txn, room_id)
     visibility = events_store.get_visibility_history(txn, room_id)
     last_by = events_store.last_event_by_sender(txn, room_id)
     return room, state_ids, state_events, latest, recent, visibility, last_by
+
+
+def _load_rooms_txn(txn: Txn, room_ids: list[str]) -> dict[str, tuple[Any, ...] | None]:
+    """Several rooms in one transaction (one trip to the database thread, not one per room)."""
+    return {room_id: _load_room_txn(txn, room_id) for room_id in room_ids}
 
 
 class RoomCache:
@@ -214,30 +275,63 @@ class RoomCache:
         if snap is not None:
             self._rooms.move_to_end(room_id)
             return snap
-        pending = self._loading.get(room_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[RoomSnapshot | None] = asyncio.get_running_loop().create_future()
-        self._loading[room_id] = fut
-        try:
-            snap = await self._load(room_id)
-            fut.set_result(snap)
-            return snap
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved
-            raise
-        finally:
-            del self._loading[room_id]
+        return (await self.get_many([room_id])).get(room_id)
 
-    async def _load(self, room_id: str) -> RoomSnapshot | None:
-        loaded = await self._db.read(_load_room_txn, room_id)
+    async def get_many(self, room_ids: Iterable[str]) -> dict[str, RoomSnapshot]:
+        """Snapshots of the rooms that exist among ``room_ids``; the ones not in memory are
+        loaded together, ``LOAD_BATCH`` rooms per database transaction."""
+        found: dict[str, RoomSnapshot] = {}
+        waiting: dict[str, asyncio.Future[RoomSnapshot | None]] = {}
+        to_load: list[str] = []
+        for room_id in dict.fromkeys(room_ids):
+            snap = self._rooms.get(room_id)
+            if snap is not None:
+                self._rooms.move_to_end(room_id)
+                found[room_id] = snap
+            elif room_id in self._loading:
+                waiting[room_id] = self._loading[room_id]
+            else:
+                to_load.append(room_id)
+        loop = asyncio.get_running_loop()
+
+        async def load(batch: list[str]) -> None:
+            futures = {room_id: loop.create_future() for room_id in batch}
+            self._loading.update(futures)
+            try:
+                loaded = await self._db.read(_load_rooms_txn, batch)
+                for room_id, fut in futures.items():
+                    snap = self._snapshot(room_id, loaded[room_id])
+                    fut.set_result(snap)
+                    if snap is not None:
+                        found[room_id] = snap
+            except BaseException as exc:
+                for fut in futures.values():
+                    if not fut.done():
+                        fut.set_exception(exc)
+                        fut.exception()  # mark retrieved
+                raise
+            finally:
+                for room_id in batch:
+                    del self._loading[room_id]
+
+        for start in range(0, len(to_load), LOAD_BATCH):
+            await load(to_load[start : start + LOAD_BATCH])
+        for room_id, pending in waiting.items():
+            snap = await asyncio.shield(pending)
+            if snap is not None:
+                found[room_id] = snap
+        return found
+
+    def _snapshot(self, room_id: str, loaded: tuple[Any, ...] | None) -> RoomSnapshot | None:
         if loaded is None:
             return None
+        existing = self._rooms.get(room_id)
+        if existing is not None:  # created meanwhile (e.g. by createRoom)
+            return existing
         room, state_ids, state_events, latest, recent, visibility, last_by = loaded
         version = KNOWN_ROOM_VERSIONS[room.room_version]
-        state = {key: self._events.put(state_events[eid]) for key, eid in state_ids.items() if eid in state_events}
         recent_events = self._events.canonical(recent)
+        state = {key: self._events.put(state_events[eid]) for key, eid in state_ids.items() if eid in state_events}
         floor = 0 if len(recent_events) < RECENT_EVENTS_PER_ROOM else recent_events[0].stream_ordering - 1
         snap = RoomSnapshot(
             room_id,
@@ -251,9 +345,6 @@ class RoomCache:
             [(pos, normalise_visibility(v)) for pos, v in visibility],
             last_by,
         )
-        existing = self._rooms.get(room_id)
-        if existing is not None:  # created meanwhile (e.g. by createRoom)
-            return existing
         self.add(snap)
         return snap
 

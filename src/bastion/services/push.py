@@ -399,47 +399,67 @@ class PushRulesService:
         their own last message); a thread up to their unthreaded receipt or their receipt
         in that thread.
         """
-        unthreaded, main, threads = await self._receipts.read_positions(room.room_id, user_id)
-        main_read = max(unthreaded, main, room.last_event_by.get(user_id, 0))
-        signature = (unthreaded, main_read, tuple(sorted(threads.items())))
-        key = (user_id, room.room_id)
-        entry = self._unread.get(key)
-        if entry is None or entry.signature != signature or entry.counted_upto > upto:
-            # Thread rows count from the unthreaded receipt on, main rows from main_read.
-            entry = _Unread(signature, counted_upto=min(unthreaded, main_read), counts=UnreadCounts())
-        if entry.counted_upto < upto:
-            counts = entry.counts
-            for stream, highlight, thread in await self._rows(room, user_id, entry.counted_upto, upto):
-                if thread is None:
-                    if stream > main_read:
-                        counts.notifications += 1
-                        counts.highlights += highlight
-                elif stream > max(unthreaded, threads.get(thread, 0)):
-                    per = counts.threads.setdefault(thread, [0, 0])
-                    per[0] += 1
-                    per[1] += highlight
-            entry.counted_upto = upto
-        self._unread[key] = entry
-        self._unread.move_to_end(key)
-        if len(self._unread) > MAX_UNREAD_ENTRIES:
-            self._unread.popitem(last=False)
-        return entry.counts
+        return (await self.unread_counts_many([room], user_id, upto))[room.room_id]
 
-    async def _rows(self, room: RoomSnapshot, user_id: str, after: int, upto: int) -> list[tuple[int, bool, str | None]]:
-        """(stream, highlight, thread root) of the user's notifications in (after, upto]:
-        from memory when every event there is remembered, else SQL."""
+    async def unread_counts_many(self, rooms: Collection[RoomSnapshot], user_id: str, upto: int) -> dict[str, UnreadCounts]:
+        """:meth:`unread_counts` for several rooms, with at most one database transaction."""
+        plans: list[tuple[RoomSnapshot, _Unread, int, int, dict[str, int]]] = []
+        for room in rooms:
+            unthreaded, main, threads = await self._receipts.read_positions(room.room_id, user_id)
+            main_read = max(unthreaded, main, room.last_event_by.get(user_id, 0))
+            signature = (unthreaded, main_read, tuple(sorted(threads.items())))
+            entry = self._unread.get((user_id, room.room_id))
+            if entry is None or entry.signature != signature or entry.counted_upto > upto:
+                # Thread rows count from the unthreaded receipt on, main rows from main_read.
+                entry = _Unread(signature, counted_upto=min(unthreaded, main_read), counts=UnreadCounts())
+            plans.append((room, entry, unthreaded, main_read, threads))
+        rows: dict[str, list[tuple[int, bool, str | None]]] = {}
+        from_db: list[tuple[str, int]] = []
+        for room, entry, *_ in plans:
+            if entry.counted_upto < upto:
+                found = self._rows_in_memory(room, user_id, entry.counted_upto, upto)
+                if found is None:
+                    from_db.append((room.room_id, entry.counted_upto))
+                else:
+                    rows[room.room_id] = found
+        if from_db:
+            rows.update(await self._db.read(push_actions_store.unread_rows_many, user_id, from_db, upto))
+        out: dict[str, UnreadCounts] = {}
+        for room, entry, unthreaded, main_read, threads in plans:
+            if entry.counted_upto < upto:
+                counts = entry.counts
+                for stream, highlight, thread in rows.get(room.room_id, ()):
+                    if thread is None:
+                        if stream > main_read:
+                            counts.notifications += 1
+                            counts.highlights += highlight
+                    elif stream > max(unthreaded, threads.get(thread, 0)):
+                        per = counts.threads.setdefault(thread, [0, 0])
+                        per[0] += 1
+                        per[1] += highlight
+                entry.counted_upto = upto
+            key = (user_id, room.room_id)
+            self._unread[key] = entry
+            self._unread.move_to_end(key)
+            out[room.room_id] = entry.counts
+        while len(self._unread) > MAX_UNREAD_ENTRIES:
+            self._unread.popitem(last=False)
+        return out
+
+    def _rows_in_memory(self, room: RoomSnapshot, user_id: str, after: int, upto: int) -> list[tuple[int, bool, str | None]] | None:
+        """(stream, highlight, thread root) of the user's notifications in (after, upto],
+        or None unless every event there and its push decision is remembered."""
         events = room.events_after(after, upto)
-        if events is not None:
-            rows: list[tuple[int, bool, str | None]] = []
-            for event in events:
-                decision = self._decisions.get(event.event_id)
-                if decision is None:
-                    break
-                if user_id in decision.notified:
-                    rows.append((event.stream_ordering, user_id in decision.highlighted, thread_root(event)))
-            else:
-                return rows
-        return await self._db.read(push_actions_store.unread_rows, user_id, room.room_id, after, upto)
+        if events is None:
+            return None
+        rows: list[tuple[int, bool, str | None]] = []
+        for event in events:
+            decision = self._decisions.get(event.event_id)
+            if decision is None:
+                return None
+            if user_id in decision.notified:
+                rows.append((event.stream_ordering, user_id in decision.highlighted, thread_root(event)))
+        return rows
 
     async def notifications(
         self, requester: Requester, from_token: str | None, limit: int, only: str | None

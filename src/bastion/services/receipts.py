@@ -13,6 +13,7 @@ or main-thread ``m.read``/``m.read.private`` receipt — feeds unread counts.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -62,6 +63,17 @@ class ReceiptsService:
             self._cache.move_to_end(room_id)
             return cached
         rows = await self._db.read(receipts_store.room_receipts, room_id)
+        return self._install(room_id, rows)
+
+    async def preload(self, room_ids: Iterable[str]) -> None:
+        """Load the receipts of the rooms not in memory in one database transaction."""
+        missing = [r for r in room_ids if r not in self._cache]
+        if missing:
+            loaded = await self._db.read(receipts_store.rooms_receipts, missing)
+            for room_id, rows in loaded.items():
+                self._install(room_id, rows)
+
+    def _install(self, room_id: str, rows: list[ReceiptRow]) -> dict[tuple[str, str, str], ReceiptRow]:
         cached = self._cache.get(room_id)  # loaded meanwhile
         if cached is None:
             cached = {(r.user_id, r.receipt_type, r.thread_id): r for r in rows}

@@ -155,6 +155,8 @@ class SyncService:
         for room_id, data_type, content in account_changes.room:
             room_account_data.setdefault(room_id, []).append({"type": data_type, "content": orjson.Fragment(content)})
 
+        histories = await self._prefetch(req, since_pos, token, memberships)
+
         for room_id, m in memberships.items():
             if m.forgotten or not room_filter.allows_room(room_id):
                 continue
@@ -165,7 +167,9 @@ class SyncService:
                 room = self._rooms.cached(room_id) or await self._rooms.get(room_id)
                 if room is None:
                     continue
-                ctx = _RoomCtx(room, m, token.events, ignored=ignored, thread_counts=thread_counts)
+                ctx = _RoomCtx(
+                    room, m, token.events, histories.get(room_id), ignored=ignored, thread_counts=thread_counts
+                )
                 body: dict[str, Any] | None
                 full = changed or req.full_state or since_pos is None
                 ephemeral_after = None if full or since is None else since
@@ -253,6 +257,30 @@ class SyncService:
             has_data = has_data or bool(dl_changed or dl_left)
         return orjson.dumps(response), has_data
 
+    async def _prefetch(
+        self, req: SyncRequest, since_pos: int | None, token: StreamToken, memberships: dict[str, Membership]
+    ) -> dict[str, list[tuple[int, str]]]:
+        """Read what the joined rooms sent in full need (their snapshots, receipts, unread
+        counts and the user's membership history) a few transactions at a time instead of
+        several per room. Returns the membership histories by room."""
+        room_filter = req.filter.room
+        wanted = [
+            room_id
+            for room_id, m in memberships.items()
+            if m.membership == "join"
+            and not m.forgotten
+            and m.stream_ordering <= token.events
+            and (since_pos is None or req.full_state or m.stream_ordering > since_pos)
+            and room_filter.allows_room(room_id)
+        ]
+        if len(wanted) < 2:
+            return {}
+        user = req.requester.user_id
+        rooms = await self._rooms.get_many(wanted)
+        await self._receipts.preload(rooms)
+        await self._push.unread_counts_many(list(rooms.values()), user, token.events)
+        return await self._db.read(events_store.get_membership_histories, list(rooms), user)
+
     async def _device_list_delta(
         self, user: str, since: StreamToken, token: StreamToken, memberships: dict[str, Membership]
     ) -> tuple[set[str], set[str]]:
@@ -325,6 +353,8 @@ class SyncService:
         """Bundled aggregations: the spec asks for them only in limited timelines."""
         if not limited or not timeline:
             return None
+        if not ctx.room.may_have_children(e for e in timeline if e.state_key is None):
+            return None
         history = await self._history(ctx, req.requester.user_id)
         return await self._bundler.bundle(timeline, req.requester, history, ctx.room.visibility, now)
 
@@ -391,11 +421,16 @@ class SyncService:
         return picked, limited
 
     async def _state_at(self, room: RoomSnapshot, position: int, keys: set[StateKey] | None = None) -> dict[StateKey, Event]:
-        if position >= room.last_stream:
-            state = room.state
-            if keys is None:
-                return dict(state)
-            return {k: state[k] for k in keys if k in state}
+        rolled = room.state_rollback(position)
+        if rolled is not None:
+            state, fetch = rolled
+            if keys is not None:
+                state = {k: state[k] for k in keys if k in state}
+                fetch = {k: eid for k, eid in fetch.items() if k in keys}
+            if fetch:
+                found = await self._cache.get_many(fetch.values())
+                state.update({k: found[eid] for k, eid in fetch.items() if eid in found})
+            return state
         ids = await self._db.read(events_store.get_state_ids_at, room.room_id, position, list(keys) if keys is not None else None)
         found = await self._cache.get_many(ids.values())
         return {k: found[eid] for k, eid in ids.items() if eid in found}

@@ -236,6 +236,11 @@ def get_membership_history(txn: Txn, room_id: str, user_id: str) -> list[tuple[i
     return [(r[0], r[1] or "leave") for r in rows]
 
 
+def get_membership_histories(txn: Txn, room_ids: Sequence[str], user_id: str) -> dict[str, list[tuple[int, str]]]:
+    """:func:`get_membership_history` for several rooms in one transaction."""
+    return {room_id: get_membership_history(txn, room_id, user_id) for room_id in room_ids}
+
+
 def get_visibility_history(txn: Txn, room_id: str) -> list[tuple[int, Any]]:
     """(stream_ordering, raw history_visibility content value) for every change."""
     rows = txn.fetchall(

@@ -119,6 +119,13 @@ def unread_rows(txn: Txn, user_id: str, room_id: str, after: int, upto: int, lim
     return [(int(r[0]), bool(r[1]), r[2]) for r in rows]
 
 
+def unread_rows_many(
+    txn: Txn, user_id: str, rooms: Sequence[tuple[str, int]], upto: int
+) -> dict[str, list[tuple[int, bool, str | None]]]:
+    """:func:`unread_rows` for several ``(room, after)`` pairs in one transaction."""
+    return {room_id: unread_rows(txn, user_id, room_id, after, upto) for room_id, after in rooms}
+
+
 def actions_for(txn: Txn, user_id: str, stream_ordering: int) -> list[Any] | None:
     """The actions stored for the user and the event at ``stream_ordering``, if it notified them."""
     row = txn.fetchone(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bastion.storage.database import Txn
@@ -37,6 +38,10 @@ def upsert_receipt(txn: Txn, row: ReceiptRow) -> bool:
 def room_receipts(txn: Txn, room_id: str) -> list[ReceiptRow]:
     rows = txn.fetchall(f"SELECT {_COLUMNS} FROM receipts WHERE room_id = ? ORDER BY stream_id", (room_id,))
     return [ReceiptRow(*r) for r in rows]
+
+
+def rooms_receipts(txn: Txn, room_ids: Sequence[str]) -> dict[str, list[ReceiptRow]]:
+    return {room_id: room_receipts(txn, room_id) for room_id in room_ids}
 
 
 def receipts_in_range(txn: Txn, after: int, upto: int) -> list[ReceiptRow]:
