@@ -68,6 +68,35 @@ def test_threaded_receipt_and_validation(room_pair) -> None:
     assert err.value.status == 403
 
 
+def test_own_message_reads_the_main_timeline_not_the_threads(room_pair) -> None:
+    """Counts per thread (unread_thread_notifications): bob never sends a receipt; his
+    own message in the main timeline marks it read, the threads stay unread — also on a
+    later incremental sync, counted from where the last one stopped."""
+    alice, bob, room = room_pair
+    threaded = '{"room": {"timeline": {"unread_thread_notifications": true}}}'
+
+    def counts(since: str | None = None) -> tuple[int, dict, str]:
+        sync = bob.sync(since=since, filter=threaded)
+        data = sync["rooms"]["join"][room]
+        return data["unread_notifications"]["notification_count"], data["unread_thread_notifications"], sync["next_batch"]
+
+    root = alice.send(room, "thread root")
+    alice.send(room, "main one")
+    for i in range(2):
+        alice.send(room, {"msgtype": "m.text", "body": f"reply {i}", "m.relates_to": {"rel_type": "m.thread", "event_id": root}})
+    main, threads, since = counts()
+    assert main == 2 and threads == {root: {"notification_count": 2, "highlight_count": 0}}
+    bob.send(room, "my answer")
+    main, threads, since = counts(since)
+    assert main == 0 and threads == {root: {"notification_count": 2, "highlight_count": 0}}
+    alice.send(room, "main two")
+    alice.send(room, {"msgtype": "m.text", "body": "reply 2", "m.relates_to": {"rel_type": "m.thread", "event_id": root}})
+    main, threads, _ = counts(since)
+    assert main == 1 and threads == {root: {"notification_count": 3, "highlight_count": 0}}
+    main, threads, _ = counts()  # an initial sync agrees
+    assert main == 1 and threads == {root: {"notification_count": 3, "highlight_count": 0}}
+
+
 def test_read_markers_set_fully_read_and_receipt(room_pair) -> None:
     alice, bob, room = room_pair
     event_id = alice.send(room, "marker")

@@ -129,7 +129,8 @@ class PushRulesService:
         self._account_data = account_data
         self._rulesets: OrderedDict[str, tuple[dict[str, Any], CompiledRuleset]] = OrderedDict()
         self._rules_changes = 0  # bumped on every rule change: a load that raced one is not cached
-        self._unread: OrderedDict[tuple[str, str], _Unread] = OrderedDict()
+        # (user, room) -> (main timeline, threads), each counted from its own read position
+        self._unread: OrderedDict[tuple[str, str], tuple[_Unread, _Unread]] = OrderedDict()
         self._decisions: dict[str, Decision] = {}  # event ID -> decision, oldest first
         self._remembered_pairs = 0
         self._staged = True  # rows may be waiting in the staging table (at start: maybe)
@@ -402,46 +403,56 @@ class PushRulesService:
         return (await self.unread_counts_many([room], user_id, upto))[room.room_id]
 
     async def unread_counts_many(self, rooms: Collection[RoomSnapshot], user_id: str, upto: int) -> dict[str, UnreadCounts]:
-        """:meth:`unread_counts` for several rooms, with at most one database transaction."""
-        plans: list[tuple[RoomSnapshot, _Unread, int, int, dict[str, int]]] = []
+        """:meth:`unread_counts` for several rooms, with at most one database transaction.
+
+        The main timeline and the threads are counted apart, each from its own read
+        position: the user's own message moves the main timeline's position, and must
+        not send the threads' count (which may start at the beginning of the room when
+        the user never sent a receipt) back to the database.
+        """
+        plans: list[tuple[RoomSnapshot, _Unread, _Unread, dict[str, int]]] = []
         for room in rooms:
             unthreaded, main, threads = await self._receipts.read_positions(room.room_id, user_id)
             main_read = max(unthreaded, main, room.last_event_by.get(user_id, 0))
-            signature = (unthreaded, main_read, tuple(sorted(threads.items())))
-            entry = self._unread.get((user_id, room.room_id))
-            if entry is None or entry.signature != signature or entry.counted_upto > upto:
-                # Thread rows count from the unthreaded receipt on, main rows from main_read.
-                entry = _Unread(signature, counted_upto=min(unthreaded, main_read), counts=UnreadCounts())
-            plans.append((room, entry, unthreaded, main_read, threads))
+            current = self._unread.get((user_id, room.room_id))
+            main_entry = current[0] if current is not None else None
+            if main_entry is None or main_entry.signature != (main_read,) or main_entry.counted_upto > upto:
+                main_entry = _Unread((main_read,), counted_upto=main_read, counts=UnreadCounts())
+            thread_sig = (unthreaded, tuple(sorted(threads.items())))
+            thread_entry = current[1] if current is not None else None
+            if thread_entry is None or thread_entry.signature != thread_sig or thread_entry.counted_upto > upto:
+                thread_entry = _Unread(thread_sig, counted_upto=unthreaded, counts=UnreadCounts())
+            plans.append((room, main_entry, thread_entry, threads))
         rows: dict[str, list[tuple[int, bool, str | None]]] = {}
         from_db: list[tuple[str, int]] = []
-        for room, entry, *_ in plans:
-            if entry.counted_upto < upto:
-                found = self._rows_in_memory(room, user_id, entry.counted_upto, upto)
+        for room, main_entry, thread_entry, _ in plans:
+            after = min(main_entry.counted_upto, thread_entry.counted_upto)
+            if after < upto:
+                found = self._rows_in_memory(room, user_id, after, upto)
                 if found is None:
-                    from_db.append((room.room_id, entry.counted_upto))
+                    from_db.append((room.room_id, after))
                 else:
                     rows[room.room_id] = found
         if from_db:
             rows.update(await self._db.read(push_actions_store.unread_rows_many, user_id, from_db, upto))
         out: dict[str, UnreadCounts] = {}
-        for room, entry, unthreaded, main_read, threads in plans:
-            if entry.counted_upto < upto:
-                counts = entry.counts
-                for stream, highlight, thread in rows.get(room.room_id, ()):
-                    if thread is None:
-                        if stream > main_read:
-                            counts.notifications += 1
-                            counts.highlights += highlight
-                    elif stream > max(unthreaded, threads.get(thread, 0)):
-                        per = counts.threads.setdefault(thread, [0, 0])
-                        per[0] += 1
-                        per[1] += highlight
-                entry.counted_upto = upto
+        for room, main_entry, thread_entry, threads in plans:
+            main_counts, thread_counts = main_entry.counts, thread_entry.counts
+            for stream, highlight, thread in rows.get(room.room_id, ()):
+                if thread is None:
+                    if stream > main_entry.counted_upto:  # counted_upto >= main_read
+                        main_counts.notifications += 1
+                        main_counts.highlights += highlight
+                elif stream > thread_entry.counted_upto and stream > threads.get(thread, 0):
+                    per = thread_counts.threads.setdefault(thread, [0, 0])
+                    per[0] += 1
+                    per[1] += highlight
+            main_entry.counted_upto = max(main_entry.counted_upto, upto)
+            thread_entry.counted_upto = max(thread_entry.counted_upto, upto)
             key = (user_id, room.room_id)
-            self._unread[key] = entry
+            self._unread[key] = (main_entry, thread_entry)
             self._unread.move_to_end(key)
-            out[room.room_id] = entry.counts
+            out[room.room_id] = UnreadCounts(main_counts.notifications, main_counts.highlights, thread_counts.threads)
         while len(self._unread) > MAX_UNREAD_ENTRIES:
             self._unread.popitem(last=False)
         return out
