@@ -13,6 +13,9 @@ which one is running.
 
 SQLite: one writer connection on one thread (SQLite has a single writer anyway)
 and a few reader connections (WAL mode lets them read while the writer writes).
+Checkpoints (copying the WAL back into the database file, with an fsync) run on a
+thread of their own, once a second, instead of inside whichever commit crossed
+SQLite's automatic threshold: a slow fsync then delays nobody's message.
 PostgreSQL: a psycopg connection pool, one thread per connection.
 
 Drivers: the standard library's ``sqlite3`` and ``psycopg`` 3 (the maintained
@@ -126,10 +129,20 @@ class Database:
 # -- SQLite -----------------------------------------------------------------------------
 
 
+CHECKPOINT_INTERVAL_S = 1.0
+
+
 class SqliteDatabase(Database):
     dialect: Dialect = "sqlite"
 
-    def __init__(self, path: Path, *, synchronous: str = "normal", readers: int = 2) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "normal",
+        readers: int = 2,
+        checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+    ) -> None:
         self.path = path
         self.synchronous = synchronous.upper()
         self._local = threading.local()
@@ -137,8 +150,30 @@ class SqliteDatabase(Database):
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sqlite-r")
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._checkpointer: threading.Thread | None = None
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, args=(checkpoint_interval_s,), name="sqlite-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
+
+    def _checkpoint_loop(self, interval_s: float) -> None:
+        """Checkpoint the WAL in the background (PASSIVE: never waits for, nor blocks, the
+        writer or the readers; what it cannot copy yet, the next round does)."""
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._closing.wait(interval_s):
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("background WAL checkpoint failed (will retry): %s", exc)
+        finally:
+            if conn is not None:
+                conn.close()
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -150,6 +185,10 @@ class SqliteDatabase(Database):
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA cache_size=-65536")
             conn.execute("PRAGMA temp_store=MEMORY")
+            # Checkpoints run on their own thread (above), not inside commits; the WAL
+            # file is cut back to 64 MiB when it is reset after a complete checkpoint.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
@@ -187,6 +226,9 @@ class SqliteDatabase(Database):
     async def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        self._closing.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         with self._lock:
             for conn in self._connections:
                 try:
