@@ -352,41 +352,9 @@ class Server:
         return {"name": self.name, "label": self.label, "base_url": self.base_url}
 
 
-NGINX_CONF = """\
-{user}worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/nginx-tmp/body;
-    proxy_temp_path {dir}/nginx-tmp/proxy;
-    fastcgi_temp_path {dir}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {dir}/nginx-tmp/uwsgi;
-    scgi_temp_path {dir}/nginx-tmp/scgi;
-    upstream bastion {{
-{servers}
-        keepalive 256;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        client_max_body_size 200m;
-        location / {{
-            proxy_pass http://bastion;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
-            proxy_set_header X-Forwarded-For $remote_addr;
-            # Longer than any /sync long-poll (Bastion caps them at 60 s by default).
-            proxy_read_timeout 600s;
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_next_upstream error timeout http_502 non_idempotent;
-        }}
-    }}
-}}
-"""
+# The nginx in front of several workers: one template, shared with the test suite.
+NGINX_TEMPLATE = REPO_DIR / "deploy" / "nginx" / "local-cluster.conf.in"
+NGINX_PROXY_CONF = REPO_DIR / "deploy" / "nginx" / "bastion-proxy.conf"
 
 
 class Bastion(Server):
@@ -462,11 +430,12 @@ class Bastion(Server):
                 f"        server 127.0.0.1:{p} max_fails=0;" for p in self.worker_ports
             )
             (self.work / "nginx.conf").write_text(
-                NGINX_CONF.format(
+                NGINX_TEMPLATE.read_text().format(
                     user="user root;\n" if os.geteuid() == 0 else "",
                     dir=self.work,
                     servers=servers,
                     port=self.port,
+                    proxy_conf=NGINX_PROXY_CONF,
                 )
             )
         db = "SQLite" if database == "sqlite" else "PostgreSQL"

@@ -194,40 +194,10 @@ def cluster_workers() -> int:
     return int(os.environ.get("BASTION_TEST_WORKERS", "1") or "1")
 
 
-NGINX_CONF = """\
-{user}worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/nginx-tmp/body;
-    proxy_temp_path {dir}/nginx-tmp/proxy;
-    fastcgi_temp_path {dir}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {dir}/nginx-tmp/uwsgi;
-    scgi_temp_path {dir}/nginx-tmp/scgi;
-    upstream bastion {{
-{servers}
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        client_max_body_size 200m;
-        location / {{
-            proxy_pass http://bastion;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
-            proxy_set_header X-Forwarded-For $remote_addr;
-            proxy_read_timeout 600s;
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_next_upstream error timeout http_502 non_idempotent;
-        }}
-    }}
-}}
-"""
+# The nginx in front of the workers: one template, shared with the benchmarks; it
+# includes the production proxy snippet, so the suite runs through those settings.
+NGINX_TEMPLATE = REPO / "deploy" / "nginx" / "local-cluster.conf.in"
+NGINX_PROXY_CONF = REPO / "deploy" / "nginx" / "bastion-proxy.conf"
 
 
 class ClusterProcess(ServerProcess):
@@ -253,8 +223,9 @@ class ClusterProcess(ServerProcess):
         tmp = self.directory / "nginx-tmp"
         tmp.mkdir(exist_ok=True)
         servers = "\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in self.worker_ports)
-        (self.directory / "nginx.conf").write_text(NGINX_CONF.format(
+        (self.directory / "nginx.conf").write_text(NGINX_TEMPLATE.read_text().format(
             user="user root;\n" if os.geteuid() == 0 else "", dir=self.directory, servers=servers, port=self.port,
+            proxy_conf=NGINX_PROXY_CONF,
         ))
 
     def _spawn_worker(self, index: int) -> None:
