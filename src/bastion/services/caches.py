@@ -164,8 +164,11 @@ class RoomSnapshot:
             return events[-limit:]
         return events if self.recent_floor == 0 else None
 
-    def state_rollback(self, position: int) -> tuple[dict[StateKey, Event], dict[StateKey, str]] | None:
-        """The state after every event at or before ``position``, worked out from memory.
+    def state_rollback(
+        self, position: int, keys: set[StateKey] | None = None
+    ) -> tuple[dict[StateKey, Event], dict[StateKey, str]] | None:
+        """The state after every event at or before ``position`` (only ``keys``, if given),
+        worked out from memory.
 
         A room's history is linear, so each state event newer than ``position`` replaced
         exactly the entry its ``replaces_state`` names (or added its key). Undoing them,
@@ -173,22 +176,21 @@ class RoomSnapshot:
         and, apart, the keys whose older event must be fetched by ID; None when the
         events after ``position`` are not all in memory.
         """
-        if position >= self.last_stream:
-            return dict(self.state), {}
-        if position < self.recent_floor:
-            return None
-        state = dict(self.state)
-        fetch: dict[StateKey, str] = {}
-        for event in reversed(self.recent):
-            if event.stream_ordering <= position:
-                break
-            if event.state_key is None:
-                continue
-            key = (event.type, event.state_key)
-            state.pop(key, None)
-            fetch.pop(key, None)
-            if event.replaces_state is not None:
-                fetch[key] = event.replaces_state
+        undone: dict[StateKey, str | None] = {}  # key -> the event it had at ``position``
+        if position < self.last_stream:
+            if position < self.recent_floor:
+                return None
+            for event in reversed(self.recent):
+                if event.stream_ordering <= position:
+                    break
+                if event.state_key is not None:
+                    key = (event.type, event.state_key)
+                    if keys is None or key in keys:
+                        undone[key] = event.replaces_state  # the oldest such event decides
+        current = self.state
+        wanted = current.keys() if keys is None else keys
+        state = {k: current[k] for k in wanted if k in current and k not in undone}
+        fetch = {k: eid for k, eid in undone.items() if eid is not None}
         return state, fetch
 
     def may_have_children(self, events: Iterable[Event]) -> bool:

@@ -421,12 +421,9 @@ class SyncService:
         return picked, limited
 
     async def _state_at(self, room: RoomSnapshot, position: int, keys: set[StateKey] | None = None) -> dict[StateKey, Event]:
-        rolled = room.state_rollback(position)
+        rolled = room.state_rollback(position, keys)
         if rolled is not None:
             state, fetch = rolled
-            if keys is not None:
-                state = {k: state[k] for k in keys if k in state}
-                fetch = {k: eid for k, eid in fetch.items() if k in keys}
             if fetch:
                 found = await self._cache.get_many(fetch.values())
                 state.update({k: found[eid] for k, eid in fetch.items() if eid in found})
