@@ -9,6 +9,7 @@ algorithm and code path are the production ones.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,10 +26,43 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive ports that are free now.
+
+    Chosen below the kernel's ephemeral range: a port handed out by ``bind(0)`` lies
+    inside it, where any outgoing connection (a client, the Redis or PostgreSQL
+    driver) may take it before the server under test binds — and a block of ports
+    (worker *i* serves metrics on ``port + i``) is not free just because its first
+    port is. Ports are not handed out twice in one test process.
+    """
+    low, high = 20000, _ephemeral_range()[0] - 1
+    if high - low < 1000:  # an unusual kernel setting: fall back to the kernel's choice
+        low, high = 1025, 65535
+    for _ in range(500):
+        start = random.randrange(low, high - count)
+        block = range(start, start + count)
+        if _handed_out.intersection(block):
+            continue
+        try:
+            for port in block:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        _handed_out.update(block)
+        return start
+    raise RuntimeError(f"no block of {count} free ports found")
 
 
 class TestDatabase:

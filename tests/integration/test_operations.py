@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.harness import MatrixHttp, ServerProcess, free_port
+from tests.harness import MatrixHttp, ServerProcess, cluster_workers, free_port
 
 
 def test_acknowledged_events_survive_sigkill_and_txn_ids_persist(make_server) -> None:
@@ -172,7 +172,7 @@ def test_server_restart_keeps_sync_tokens_valid(make_server) -> None:
 
 
 def test_readiness_and_metrics_on_their_own_listener(make_server) -> None:
-    metrics_port = free_port()
+    metrics_port = free_port(count=cluster_workers())  # worker i: metrics_port + i
     srv: ServerProcess = make_server(metrics={"enabled": True, "listen": {"host": "127.0.0.1", "port": metrics_port}})
     ready = httpx.get(srv.base_url + "/ready")
     assert ready.status_code == 200 and ready.json()["database"] == "ok"
@@ -196,7 +196,7 @@ def test_readiness_and_metrics_on_their_own_listener(make_server) -> None:
 def test_long_poll_is_abandoned_when_the_client_hangs_up(make_server) -> None:
     """A client that drops its /sync long-poll (a phone changing networks) frees it at
     once, instead of leaving it waiting out its timeout."""
-    metrics_port = free_port()
+    metrics_port = free_port(count=cluster_workers())  # worker i: metrics_port + i
     srv: ServerProcess = make_server(metrics={"enabled": True, "listen": {"host": "127.0.0.1", "port": metrics_port}})
     alice = srv.client().register()
     since = alice.sync()["next_batch"]
