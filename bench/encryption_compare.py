@@ -16,7 +16,10 @@ rooms (``--users``/``--rooms``/``--room-size``, default the core 100 / 20 x 10).
    seconds after ``--fixed-warmup``; the servers must go idle before each run.
    Reported: median delivery p50/p99 and median server CPU per message.
 
-The idle server is running but has no clients while the other is measured. Target:
+The idle server is running but has no clients while the other is measured. With
+``--fresh`` every search and every fixed-rate run gets a new server instead (empty
+database, new users and rooms): the figures then do not depend on how much history the
+server has accumulated from earlier runs, nor on which mode ran the longer search. Target:
 the two within 10% (``--target``) of each other, in max rate and in p99 at the
 common rate.
 
@@ -69,6 +72,12 @@ def main() -> int:
         "--common-rate", type=float, help="fixed rate instead of a fraction of the lower max"
     )
     p.add_argument("--target", type=float, default=0.10, help="allowed relative difference")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="a new server (empty database, new users and rooms) for every search and every "
+        "fixed-rate run, instead of one long-lived server per mode",
+    )
     p.add_argument("--results-dir", type=Path)
     p.add_argument("fmr_args", nargs="*", help="after --: find_max_rate.py options")
     args = p.parse_args()
@@ -76,46 +85,62 @@ def main() -> int:
     bl.log(f"results in {out}")
 
     root = bl.work_root()
-    servers: dict[str, bl.Bastion] = {}
+    scenario = [
+        "--users",
+        str(args.users),
+        "--rooms",
+        str(args.rooms),
+        "--room-size",
+        str(args.room_size),
+        "--processes",
+        str(args.processes),
+    ]
+    servers: dict[str, bl.Bastion] = {}  # the long-lived pair (or, with --fresh, the first of each)
+    live: list[bl.Bastion] = []
+
+    def new_server(mode: str, tag: str) -> tuple[bl.Bastion, Path]:
+        """Start a Bastion for ``mode`` and create the scenario's users and rooms on it."""
+        srv = bl.Bastion(f"bastion-enc-{mode}{tag}", root, encryption=mode == "on")
+        live.append(srv)
+        srv.start()
+        bl.log(f"{srv.label}: pid {srv.server_pids()} on {srv.base_url}")
+        (out / mode).mkdir(exist_ok=True)
+        state = out / mode / f"state{tag}.json"
+        rc = bl.run_logged(
+            bl.loadgen_cmd(srv, *scenario, "--state-file", str(state), "--setup-only"),
+            out / f"{mode}.log",
+        )
+        if rc:
+            raise SystemExit(f"setup against encryption {mode} failed")
+        servers.setdefault(mode, srv)
+        return srv, state
+
+    def server_for(mode: str, tag: str) -> tuple[bl.Bastion, Path]:
+        if args.fresh:
+            return new_server(mode, tag)
+        return servers[mode], out / mode / "state.json"
+
+    def done_with(srv: bl.Bastion) -> None:
+        if args.fresh:
+            srv.cleanup(out)
+            live.remove(srv)
+
     try:
-        for mode in MODES:
-            servers[mode] = bl.Bastion(f"bastion-enc-{mode}", root, encryption=mode == "on")
-            servers[mode].start()
-            bl.log(
-                f"{servers[mode].label}: pid {servers[mode].server_pids()} on {servers[mode].base_url}"
-            )
-        scenario = [
-            "--users",
-            str(args.users),
-            "--rooms",
-            str(args.rooms),
-            "--room-size",
-            str(args.room_size),
-            "--processes",
-            str(args.processes),
-        ]
-        state = {mode: out / mode / "state.json" for mode in MODES}
-        for mode in MODES:
-            (out / mode).mkdir(exist_ok=True)
-            rc = bl.run_logged(
-                bl.loadgen_cmd(
-                    servers[mode], *scenario, "--state-file", str(state[mode]), "--setup-only"
-                ),
-                out / f"{mode}.log",
-            )
-            if rc:
-                raise SystemExit(f"setup against encryption {mode} failed")
+        if not args.fresh:
+            for mode in MODES:
+                new_server(mode, "")
 
         # 1. the searches, alternating which server goes first
         searches: list[dict[str, Any]] = []
         for r in range(args.search_rounds):
             for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                srv, state = server_for(mode, f"-search-{r + 1}")
                 json_out = out / mode / f"search-{r + 1}.json"
                 cmd = bl.find_max_rate_cmd(
-                    servers[mode],
+                    srv,
                     *scenario,
                     "--state-file",
-                    str(state[mode]),
+                    str(state),
                     "--work-dir",
                     str(out / mode / f"search-{r + 1}"),
                     "--json-out",
@@ -123,6 +148,7 @@ def main() -> int:
                     *args.fmr_args,
                 )
                 bl.run_logged(cmd, out / f"{mode}.log")
+                done_with(srv)
                 result = json.loads(json_out.read_text()) if json_out.exists() else None
                 searches.append({"mode": mode, "round": r + 1, **bl.search_summary(result)})
         max_rate = {
@@ -140,14 +166,14 @@ def main() -> int:
             bl.log(f"fixed-rate runs at {common:g} msg/s, {args.fixed_rounds} per server")
             for r in range(args.fixed_rounds):
                 for mode in MODES if r % 2 == 0 else MODES[::-1]:
-                    srv = servers[mode]
+                    srv, state = server_for(mode, f"-fixed-{r + 1}")
                     bl.wait_idle(srv.server_pids())
                     json_out = out / mode / f"fixed-{r + 1}-rate-{common:g}.json"
                     cmd = bl.loadgen_cmd(
                         srv,
                         *scenario,
                         "--state-file",
-                        str(state[mode]),
+                        str(state),
                         "--rate",
                         f"{common:g}",
                         "--duration",
@@ -158,12 +184,13 @@ def main() -> int:
                         str(json_out),
                     )
                     bl.run_logged(cmd, out / f"{mode}.log")
+                    done_with(srv)
                     fixed.append({"mode": mode, "round": r + 1, **fixed_summary(json_out)})
         result = summarise(args, servers, searches, max_rate, common, fixed)
         bl.write_outputs(out, result, render(result))
         return 0
     finally:
-        for srv in servers.values():
+        for srv in live:
             srv.cleanup(out)
         if not os.environ.get("KEEP_WORKDIR"):
             shutil.rmtree(root, ignore_errors=True)
@@ -232,6 +259,7 @@ def summarise(
             "fixed_duration_s": args.fixed_duration,
             "fixed_warmup_s": args.fixed_warmup,
             "target_relative_difference": args.target,
+            "fresh_server_per_run": args.fresh,
         },
         "servers": {mode: srv.describe() for mode, srv in servers.items()},
         "searches": searches,
@@ -299,7 +327,8 @@ def render(result: dict[str, Any]) -> str:
         f"Servers: {result['servers']['on']['label']}; {result['servers']['off']['label']}. "
         f"Search rounds {result['method']['search_rounds']}, fixed-rate runs "
         f"{result['method']['fixed_rounds']} per server of {result['method']['fixed_duration_s']:g} s "
-        f"(+{result['method']['fixed_warmup_s']:g} s warm-up), alternating.",
+        f"(+{result['method']['fixed_warmup_s']:g} s warm-up), alternating"
+        + (", a fresh server for every search and run." if result["method"]["fresh_server_per_run"] else "."),
         "",
     ]
     return "\n".join(lines)
