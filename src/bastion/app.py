@@ -66,6 +66,8 @@ from bastion.services.url_preview import UrlPreviewService
 from bastion.settings import Settings
 from bastion.storage import accounts as accounts_store
 from bastion.storage import events as events_store
+from bastion.storage import invalidations as invalidations_store
+from bastion.storage import push_actions as push_actions_store
 from bastion.storage import streams as streams_store
 from bastion.storage.database import Database, open_database
 from bastion.storage.migrate import migrate
@@ -169,6 +171,12 @@ def open_migrated_database(settings: Settings) -> Database:
         raise
     db.crypto = keyring
     return db
+
+
+def _load_remote_events(txn: Any, after: int, upto: int) -> tuple[Any, Any, Any]:
+    """Events other workers committed in ``(after, upto]`` and what their push rules decided."""
+    events, replacing = events_store.events_in_range(txn, after, upto)
+    return events, replacing, push_actions_store.staged_decisions(txn, after, upto)
 
 
 def _initial_positions(txn: Any) -> StreamToken:
@@ -390,7 +398,7 @@ class Homeserver:
         positions = await db.read(_initial_positions)
         hs = cls(settings, db, signing_key, positions)
         hs._single_lock = single_lock
-        hs._register_streams()
+        hs._register_streams(await db.read(invalidations_store.position))
         redis_url = settings.redis.resolved_url()
         if redis_url is not None:
             hs.bus = RedisBus(redis_url, hs.instance_id)
@@ -419,9 +427,9 @@ class Homeserver:
             metrics.DB_POOL_IN_USE.set_function(lambda: stats().get("in_use", 0))
             metrics.DB_POOL_SIZE.set_function(lambda: stats().get("size", 0))
 
-    def _register_streams(self) -> None:
+    def _register_streams(self, invalidations_position: int) -> None:
         """How each durable stream's changes by other workers reach this worker's views."""
-        self.replicator.register("events", StreamHandler(events_store.events_in_range, self.persister.apply_remote))
+        self.replicator.register("events", StreamHandler(_load_remote_events, self._apply_remote_events))
         self.account_data.remote_change_hooks.append(self._account_data_changed_elsewhere)
         self.replicator.register("account_data", StreamHandler(AccountDataService.load_changes, self.account_data.apply_remote))
         self.replicator.register("receipts", StreamHandler(ReceiptsService.load_changes, self.receipts.apply_remote))
@@ -429,6 +437,28 @@ class Homeserver:
         self.replicator.register(
             "device_lists", StreamHandler(KeysService.load_device_list_changes, self.keys.apply_remote_device_lists)
         )
+        self.replicator.register(
+            invalidations_store.STREAM, StreamHandler(invalidations_store.load, self._apply_invalidations),
+            invalidations_position,
+        )
+
+    async def _apply_remote_events(self, loaded: Any, upto: int) -> None:
+        events, replacing, decisions = loaded
+        if decisions is not None:  # before the events wake anyone: their unread counts need them
+            self.push_rules.remember_remote(events, decisions)
+        await self.persister.apply_remote((events, replacing), upto)
+
+    async def _apply_invalidations(self, rows: list[tuple[str, str, str | None]] | None, upto: int) -> None:
+        """Drop cache entries that writes on other workers (or the CLI) made stale."""
+        if rows is None:  # this worker fell behind the pruned rows: drop the whole caches
+            self.auth.forget_all()
+            self.keys.forget_counts()
+            return
+        for kind, user_id, device_id in rows:
+            if kind == invalidations_store.TOKENS:
+                self.auth.forget_user(user_id, publish=False)
+            elif kind == invalidations_store.KEYS:
+                self.keys.forget_counts(user_id, device_id)
 
     def _attach_bus(self, bus: RedisBus) -> None:
         """Ephemeral state and cache invalidations that travel only on the bus."""
@@ -438,7 +468,6 @@ class Homeserver:
         self.pushers.bus = bus
         self.rooms.bus = bus
         self.media.limiter.bus = bus
-        self.auth.cache_ttl_s = 0.0  # a token revoked on another worker must fail on the very next request
         bus.on_message(self.typing.on_bus)
         bus.on_message(self.presence.on_bus)
         bus.on_message(self.auth.on_bus)

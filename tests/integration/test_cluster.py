@@ -284,6 +284,60 @@ def test_redis_restart_slows_wakeups_but_loses_nothing(cluster: Any) -> None:
             assert ready["status"] == "ok" and ready["bus"].startswith("disconnected")
 
 
+def test_revoked_tokens_fail_at_once_on_every_worker_without_the_bus(cluster: Any) -> None:
+    """Workers cache access tokens; a logout, a logout/all or a deactivation on one
+    worker still makes the token fail on the very next request to every other — with
+    Redis stopped, so it is the database (the cache-invalidation stream read before
+    each request), not the bus, that carries it."""
+    srv: ClusterProcess = cluster(workers=3)
+    alice, bob, carol = srv.client().register(), srv.client().register(), srv.client().register()
+    bob_second = MatrixHttp(srv.base_url, srv.server_name)
+    bob_second.token = bob.call("POST", "/_matrix/client/v3/login", {
+        "type": "m.login.password", "identifier": {"type": "m.id.user", "user": bob.user_id},
+        "password": bob.password,
+    }, token=False)["access_token"]
+    clients = (alice, bob, bob_second, carol)
+    for index in range(3):  # every worker has every token cached
+        for client in clients:
+            assert on_worker(srv, index, client).call("GET", "/_matrix/client/v3/account/whoami")
+    srv.stop_redis()
+
+    def status_on_every_worker(client: MatrixHttp) -> list[int]:
+        return [on_worker(srv, i, client).raw("GET", "/_matrix/client/v3/account/whoami").status_code for i in range(3)]
+
+    on_worker(srv, 0, alice).call("POST", "/_matrix/client/v3/logout", {})
+    assert status_on_every_worker(alice) == [401, 401, 401]
+    on_worker(srv, 1, bob).call("POST", "/_matrix/client/v3/logout/all", {})
+    assert status_on_every_worker(bob) == [401, 401, 401]
+    assert status_on_every_worker(bob_second) == [401, 401, 401]
+    deactivate = {"auth": {"type": "m.login.password", "password": carol.password,
+                           "identifier": {"type": "m.id.user", "user": carol.user_id}}}
+    on_worker(srv, 2, carol).call("POST", "/_matrix/client/v3/account/deactivate", deactivate)
+    assert status_on_every_worker(carol) == [401, 401, 401]
+    resp = on_worker(srv, 1, carol).raw("GET", "/_matrix/client/v3/sync")
+    assert resp.status_code == 401 and resp.json()["errcode"] == "M_UNKNOWN_TOKEN"
+
+
+def test_one_time_key_counts_follow_claims_made_on_other_workers(cluster: Any) -> None:
+    """/sync's one-time key counts are cached per device; a claim through another worker
+    (Redis stopped) shows in the owner's next sync on any worker."""
+    srv: ClusterProcess = cluster(workers=3)
+    alice, bob = srv.client().register(), srv.client().register()
+    keys = {f"curve25519:K{n}": f"key{n}" for n in range(5)}
+    on_worker(srv, 0, alice).call("POST", "/_matrix/client/v3/keys/upload", {"one_time_keys": keys})
+
+    def counts(index: int) -> int:
+        return on_worker(srv, index, alice).sync()["device_one_time_keys_count"]["curve25519"]
+
+    assert [counts(i) for i in range(3)] == [5, 5, 5]  # now cached on every worker
+    srv.stop_redis()
+    claim = {"one_time_keys": {alice.user_id: {alice.device_id: "curve25519"}}}
+    for n, worker in enumerate((1, 2, 0)):
+        claimed = on_worker(srv, worker, bob).call("POST", "/_matrix/client/v3/keys/claim", claim)
+        assert claimed["one_time_keys"][alice.user_id][alice.device_id]
+        assert [counts(i) for i in range(3)] == [4 - n] * 3
+
+
 @pytest.mark.skipif(not os.environ.get("BASTION_TEST_PG_RESTART"), reason="set BASTION_TEST_PG_RESTART to a command that restarts PostgreSQL")
 def test_postgres_restart_fails_clearly_then_recovers(cluster: Any) -> None:
     srv: ClusterProcess = cluster(workers=2)

@@ -455,10 +455,11 @@ class MatrixApp:
                 token = req.access_token
                 if token is None:
                     raise MissingToken("Missing access token")
-                req.requester = await self.hs.auth.authenticate(token, ip, req.header(b"user-agent"))
                 if self.hs.replicator.clustered:
-                    # Several workers: see every write committed before this request (read-your-writes).
+                    # Several workers: see every write committed before this request
+                    # (read-your-writes) — including a revocation of this very token.
                     await self.hs.replicator.barrier()
+                req.requester = await self.hs.auth.authenticate(token, ip, req.header(b"user-agent"))
             response = await route.handler(req)
         except MatrixError as exc:
             response = Response(orjson.dumps(exc.to_dict()), exc.status)

@@ -15,7 +15,11 @@ position *n* before it has applied everything below *n*. So:
 * a poller reads all stream positions every second (every 200 ms while the bus is
   down), so a lost bus message only delays a wake-up;
 * a ``/sync`` whose token is ahead of this worker (issued by another) first catches
-  up to it.
+  up to it;
+* the ``invalidations`` stream carries no client data: each row names cache entries
+  (a user's access tokens, a device's one-time key counts) that a write on some worker
+  made stale. Catching up on it drops them, so with the barrier below a revoked token
+  fails on the next request to any worker, even with the bus down.
 
 With one process and no Redis there are no other writers: nothing is polled, and
 catching up never has anything to do.
@@ -71,7 +75,13 @@ class Replicator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def register(self, stream: str, handler: StreamHandler) -> None:
+    def register(self, stream: str, handler: StreamHandler, position: int | None = None) -> None:
+        """``position``: where a stream not in the constructor's positions starts."""
+        if stream not in self.applied:
+            if position is None:
+                raise ValueError(f"stream {stream!r} needs a starting position")
+            self.applied[stream] = position
+            self._locks[stream] = asyncio.Lock()
         self._handlers[stream] = handler
 
     def lock(self, stream: str) -> asyncio.Lock:
@@ -115,7 +125,7 @@ class Replicator:
     async def catch_up_all(self) -> None:
         if not self.clustered:
             return
-        current = await self._db.read(streams_store.positions)
+        current = {r[0]: int(r[1]) for r in await self._db.fetch_one_statement(streams_store.POSITIONS_SQL)}
         for stream, position in current.items():
             if stream in self._locks and position > self.applied[stream]:
                 await self.catch_up(stream, position)

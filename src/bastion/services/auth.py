@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,11 +56,13 @@ class AuthService:
         self._db = db
         self.server_name = server_name
         self.passwords = passwords
-        self._cache: OrderedDict[bytes, tuple[TokenOwner, float]] = OrderedDict()
-        # With several workers a token revoked on another one must stop working here:
-        # the bus says so at once, and cached tokens are re-checked after ``cache_ttl_s``
-        # in case the bus was down.
-        self.cache_ttl_s: float | None = None
+        self._cache: OrderedDict[bytes, TokenOwner] = OrderedDict()
+        # Bumped whenever cached tokens are dropped: a lookup that started before a drop
+        # must not cache what it read (the token may have been revoked since).
+        self._generation = 0
+        # With several workers a token revoked on another one is dropped from this cache
+        # by the bus at once and, durably, by the cache-invalidation stream that every
+        # worker reads before each authenticated request (cluster/replication.py).
         self.bus: Any = None
         self._background: set[asyncio.Task[Any]] = set()
         self._by_user: dict[str, set[bytes]] = {}
@@ -75,21 +76,19 @@ class AuthService:
 
     async def authenticate(self, token: str, ip: str | None, user_agent: str | None) -> Requester:
         token_hash = hash_token(token)
-        cached = self._cache.get(token_hash)
-        now = time.monotonic()
-        owner = cached[0] if cached is not None else None
-        if cached is not None and self.cache_ttl_s is not None and now - cached[1] > self.cache_ttl_s:
-            owner = None
+        owner = self._cache.get(token_hash)
         if owner is None:
+            generation = self._generation
             owner = await self._db.read(accounts_store.get_token_owner, token_hash)
             if owner is None or owner.is_deactivated:
                 self.forget_tokens([token_hash], publish=False)
                 raise UnknownToken("Unknown access token", soft_logout=False)
-            self._cache[token_hash] = (owner, now)
-            self._by_user.setdefault(owner.user_id, set()).add(token_hash)
-            if len(self._cache) > self._max:
-                old_hash, (old_owner, _) = self._cache.popitem(last=False)
-                self._by_user.get(old_owner.user_id, set()).discard(old_hash)
+            if generation == self._generation:
+                self._cache[token_hash] = owner
+                self._by_user.setdefault(owner.user_id, set()).add(token_hash)
+                if len(self._cache) > self._max:
+                    old_hash, old_owner = self._cache.popitem(last=False)
+                    self._by_user.get(old_owner.user_id, set()).discard(old_hash)
         self._seen[(owner.user_id, owner.device_id)] = (now_ms(), ip, user_agent)
         return Requester(owner.user_id, owner.device_id, owner.is_admin, ip, user_agent)
 
@@ -104,18 +103,25 @@ class AuthService:
 
     def forget_tokens(self, hashes: Iterable[bytes], publish: bool = True) -> None:
         hashes = list(hashes)
+        self._generation += 1
         for token_hash in hashes:
             cached = self._cache.pop(token_hash, None)
             if cached is not None:
-                self._by_user.get(cached[0].user_id, set()).discard(token_hash)
+                self._by_user.get(cached.user_id, set()).discard(token_hash)
         if publish and hashes:
             self._publish({"h": [h.hex() for h in hashes]})
 
     def forget_user(self, user_id: str, publish: bool = True) -> None:
+        self._generation += 1
         for token_hash in self._by_user.pop(user_id, set()):
             self._cache.pop(token_hash, None)
         if publish:
             self._publish({"user": user_id})
+
+    def forget_all(self) -> None:
+        self._generation += 1
+        self._cache.clear()
+        self._by_user.clear()
 
     def _publish(self, payload: dict[str, Any]) -> None:
         if self.bus is None:

@@ -92,7 +92,9 @@ class KeysService:
         self._notifier = notifier
         self._replicator = replicator
         # With several workers another one may change a device's key counts: no caching.
-        self._cache_counts = not replicator.clustered
+        # Cached until a key upload or claim changes them: on this worker directly, on
+        # others through the cache-invalidation stream (app._apply_invalidations).
+        self._counts_generation = 0
         self._counts: dict[tuple[str, str], tuple[dict[str, int], list[str]]] = {}
         # Highest to-device position queued per device (0: nothing pending); unknown
         # devices are looked up once.
@@ -164,7 +166,7 @@ class KeysService:
 
     async def device_deleted(self, user_id: str, device_ids: list[str]) -> None:
         for device_id in device_ids:
-            self._counts.pop((user_id, device_id), None)
+            self.forget_counts(user_id, device_id)
             self._pending.pop((user_id, device_id), None)
 
         def cleanup(txn: Txn) -> None:
@@ -222,7 +224,7 @@ class KeysService:
             await self._device_lists_changed([user], with_change)
         else:
             await self._db.write(txn_fn)
-        self._counts.pop((user, device), None)
+        self.forget_counts(user, device)
         counts, _ = await self.counts(user, device)
         return {"one_time_key_counts": counts}
 
@@ -264,19 +266,32 @@ class KeysService:
 
     async def counts(self, user: str, device: str) -> tuple[dict[str, int], list[str]]:
         """(one-time key counts, unused fallback key algorithms) for a device; cached."""
-        cached = self._counts.get((user, device)) if self._cache_counts else None
+        cached = self._counts.get((user, device))
         if cached is not None:
             return cached
 
         def load(txn: Txn) -> tuple[dict[str, int], list[str]]:
             return e2e_store.one_time_key_counts(txn, user, device), e2e_store.unused_fallback_algorithms(txn, user, device)
 
+        generation = self._counts_generation
         counts, unused = await self._db.read(load)
         counts.setdefault(OTK_ALGORITHM, 0)
-        self._counts[(user, device)] = (counts, unused)
-        if len(self._counts) > 100_000:
-            self._counts.pop(next(iter(self._counts)))
+        if generation == self._counts_generation:  # else a change may have landed since the read began
+            self._counts[(user, device)] = (counts, unused)
+            if len(self._counts) > 100_000:
+                self._counts.pop(next(iter(self._counts)))
         return counts, unused
+
+    def forget_counts(self, user: str | None = None, device: str | None = None) -> None:
+        """Drop cached counts: of one device, of every device of ``user``, or all."""
+        self._counts_generation += 1
+        if user is None:
+            self._counts.clear()
+        elif device is not None:
+            self._counts.pop((user, device), None)
+        else:
+            for key in [k for k in self._counts if k[0] == user]:
+                del self._counts[key]
 
     # -- query and claim ------------------------------------------------------------------------------
 
@@ -364,7 +379,7 @@ class KeysService:
 
         keys = await self._db.write(txn_fn)
         for user_id, device_id, _ in requests:
-            self._counts.pop((user_id, device_id), None)
+            self.forget_counts(user_id, device_id)
         return {"one_time_keys": keys, "failures": failures}
 
     # -- cross-signing --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -379,6 +379,15 @@ class PushRulesService:
     def decision(self, event_id: str) -> Decision | None:
         """What the rules decided for a recent event, or None if no longer remembered."""
         return self._decisions.get(event_id)
+
+    def remember_remote(self, events: Sequence[Event], decisions: dict[str, tuple[list[str], list[str]]]) -> None:
+        """Decisions another worker made for ``events`` (their stored rows), so unread
+        counts over them are counted in memory here too."""
+        for event in events:
+            found = decisions.get(event.event_id)
+            self._remember(
+                event.event_id, Decision(frozenset(found[0]), frozenset(found[1])) if found else _NOBODY
+            )
 
     def _remember(self, event_id: str, decision: Decision) -> None:
         decisions = self._decisions

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from bastion.storage import invalidations
 from bastion.storage.database import Txn
 from bastion.storage.sealed import seal, seal_text, unseal, unseal_text
 
@@ -80,10 +81,12 @@ def set_password_hash(txn: Txn, user_id: str, password_hash: str) -> bool:
 
 def set_admin(txn: Txn, user_id: str, is_admin: bool) -> None:
     txn.execute("UPDATE users SET is_admin = ? WHERE user_id = ?", (is_admin, user_id))
+    invalidations.record(txn, invalidations.TOKENS, user_id)
 
 
 def mark_deactivated(txn: Txn, user_id: str) -> None:
     txn.execute("UPDATE users SET is_deactivated = TRUE, password_hash = NULL WHERE user_id = ?", (user_id,))
+    invalidations.record(txn, invalidations.TOKENS, user_id)
 
 
 def count_users(txn: Txn) -> int:
@@ -212,6 +215,7 @@ def delete_device_tokens(txn: Txn, user_id: str, device_id: str) -> list[bytes]:
         "SELECT token_hash FROM access_tokens WHERE user_id = ? AND device_id = ?", (user_id, device_id)
     )
     txn.execute("DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?", (user_id, device_id))
+    invalidations.record(txn, invalidations.TOKENS, user_id, device_id)
     return [bytes(r[0]) for r in rows]
 
 
@@ -242,6 +246,7 @@ def delete_all_devices(txn: Txn, user_id: str, except_device: str | None = None)
         )
         txn.execute("DELETE FROM access_tokens WHERE user_id = ? AND device_id <> ?", (user_id, except_device))
         txn.execute("DELETE FROM devices WHERE user_id = ? AND device_id <> ?", (user_id, except_device))
+    invalidations.record(txn, invalidations.TOKENS, user_id)
     return [bytes(r[0]) for r in rows]
 
 

@@ -122,6 +122,15 @@ class Database:
         """Run a statement that may not run inside a transaction (VACUUM, checkpoints); blocking."""
         raise NotImplementedError
 
+    async def fetch_one_statement(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only statement (its own snapshot).
+
+        For reads made before nearly every request with several workers (the stream
+        positions): PostgreSQL runs it on the event loop on one autocommit connection —
+        one round trip, no BEGIN/COMMIT, no worker thread.
+        """
+        return await self.read(lambda txn: [tuple(r) for r in txn.fetchall(sql, params)])
+
     async def close(self) -> None:
         raise NotImplementedError
 
@@ -268,6 +277,9 @@ class PostgresDatabase(Database):
             reconnect_timeout=24 * 3600,
         )
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="pg")
+        self._connect_timeout = connect_timeout
+        self._quick: Any = None  # psycopg.AsyncConnection for fetch_one_statement
+        self._quick_lock: asyncio.Lock | None = None
 
     def open(self, timeout: float = 30.0) -> None:
         self._pool.open(wait=True, timeout=timeout)
@@ -315,6 +327,27 @@ class PostgresDatabase(Database):
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         return self._run(fn, *args)
 
+    async def fetch_one_statement(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if self._quick_lock is None:
+            self._quick_lock = asyncio.Lock()
+        async with self._quick_lock:  # one statement at a time on the one connection
+            try:
+                if self._quick is None or self._quick.closed:
+                    self._quick = await self._psycopg.AsyncConnection.connect(
+                        self.url, autocommit=True, connect_timeout=max(1, int(self._connect_timeout))
+                    )
+                cur = await self._quick.execute(_to_psycopg(sql), params, prepare=True)
+                return [tuple(r) for r in await cur.fetchall()]
+            except self._psycopg.OperationalError as exc:
+                # PostgreSQL restarted or unreachable: drop the connection and take the
+                # pool's path, which retries and reports StorageUnavailable clearly.
+                log.info("quick-read connection lost (%s); using the pool", exc.__class__.__name__)
+                quick, self._quick = self._quick, None
+                if quick is not None:
+                    with contextlib.suppress(Exception):
+                        await quick.close()
+        return await super().fetch_one_statement(sql, params)
+
     def pool_stats(self) -> dict[str, int]:
         stats = self._pool.get_stats()
         size = int(stats.get("pool_size", 0))
@@ -329,6 +362,10 @@ class PostgresDatabase(Database):
                 conn.autocommit = False
 
     async def close(self) -> None:
+        if self._quick is not None:
+            with contextlib.suppress(Exception):
+                await self._quick.close()
+            self._quick = None
         self._executor.shutdown(wait=True)
         self._pool.close()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from bastion.storage import invalidations
 from bastion.storage.database import Txn
 from bastion.storage.sealed import seal, unseal
 
@@ -52,6 +53,7 @@ def delete_device_e2e(txn: Txn, user_id: str, device_id: str) -> None:
     for table in ("e2e_device_keys", "e2e_one_time_keys", "e2e_fallback_keys", "to_device_inbox"):
         txn.execute(f"DELETE FROM {table} WHERE user_id = ? AND device_id = ?", (user_id, device_id))
     txn.execute("DELETE FROM e2e_signatures WHERE target_user = ? AND target_key = ?", (user_id, device_id))
+    invalidations.record(txn, invalidations.KEYS, user_id, device_id)
 
 
 # -- one-time and fallback keys --------------------------------------------------------------------
@@ -75,6 +77,8 @@ def add_one_time_keys(txn: Txn, user_id: str, device_id: str, keys: Sequence[tup
         "ON CONFLICT (user_id, device_id, algorithm, key_id) DO NOTHING",
         [(user_id, device_id, a, k, v) for a, k, v in keys],
     )
+    if keys:
+        invalidations.record(txn, invalidations.KEYS, user_id, device_id)
 
 
 def one_time_key_counts(txn: Txn, user_id: str, device_id: str) -> dict[str, int]:
@@ -98,6 +102,7 @@ def claim_one_time_key(txn: Txn, user_id: str, device_id: str, algorithm: str) -
             (user_id, device_id, algorithm, row[0]),
         )
         if deleted == 1:
+            invalidations.record(txn, invalidations.KEYS, user_id, device_id)
             return f"{algorithm}:{row[0]}", bytes(row[1])
     fallback = txn.fetchone(
         "SELECT key_id, key FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ? AND algorithm = ?",
@@ -109,6 +114,7 @@ def claim_one_time_key(txn: Txn, user_id: str, device_id: str, algorithm: str) -
         "UPDATE e2e_fallback_keys SET used = TRUE WHERE user_id = ? AND device_id = ? AND algorithm = ?",
         (user_id, device_id, algorithm),
     )
+    invalidations.record(txn, invalidations.KEYS, user_id, device_id)
     return f"{algorithm}:{fallback[0]}", bytes(fallback[1])
 
 
@@ -124,6 +130,7 @@ def set_fallback_key(txn: Txn, user_id: str, device_id: str, algorithm: str, key
         "ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET key_id = excluded.key_id, key = excluded.key, used = FALSE",
         (user_id, device_id, algorithm, key_id, key),
     )
+    invalidations.record(txn, invalidations.KEYS, user_id, device_id)
 
 
 def unused_fallback_algorithms(txn: Txn, user_id: str, device_id: str) -> list[str]:

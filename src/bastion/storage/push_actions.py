@@ -95,7 +95,33 @@ def move_staged(txn: Txn) -> int:
         "WHERE stream_ordering <= ? ON CONFLICT DO NOTHING",  # several workers may move the same rows
         (upto,),
     )
+    txn.execute("UPDATE push_actions_moved SET upto = ? WHERE only_row = 1 AND upto < ?", (upto, upto))
     return txn.execute("DELETE FROM event_push_actions_staging WHERE stream_ordering <= ?", (upto,))
+
+
+def staged_decisions(txn: Txn, after: int, upto: int) -> dict[str, tuple[list[str], list[str]]] | None:
+    """{event ID: (users notified, users highlighted)} for the events in ``(after, upto]``
+    (an event missing notified nobody), or None if some of their rows were moved on.
+
+    Moves go in stream order, so the staging table holds every row of the range exactly
+    when nothing above ``after`` has been moved. The staging rows are read first: a move
+    committing between the two statements then shows in the second, and the answer is
+    None rather than a partial one.
+    """
+    rows = txn.fetchall(
+        "SELECT event_id, user_id, highlight FROM event_push_actions_staging "
+        "WHERE stream_ordering > ? AND stream_ordering <= ? AND notify",
+        (after, upto),
+    )
+    if int(txn.fetchval("SELECT upto FROM push_actions_moved WHERE only_row = 1")) > after:
+        return None
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for event_id, user_id, highlight in rows:
+        notified, highlighted = out.setdefault(event_id, ([], []))
+        notified.append(user_id)
+        if highlight:
+            highlighted.append(user_id)
+    return out
 
 
 def count_unread(txn: Txn, user_id: str, room_id: str, after: int, upto: int) -> tuple[int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bastion.storage.database import Txn
 
-STREAMS = ("events", "account_data", "receipts", "to_device", "device_lists")
+STREAMS = ("events", "account_data", "receipts", "to_device", "device_lists", "invalidations")
 
 
 def allocate(txn: Txn, stream: str, count: int = 1) -> int:
@@ -21,6 +21,9 @@ def allocate(txn: Txn, stream: str, count: int = 1) -> int:
     return int(last) - count + 1
 
 
+POSITIONS_SQL = "SELECT stream, position FROM stream_positions"
+
+
 def positions(txn: Txn) -> dict[str, int]:
     """The last position allocated (and, once this transaction sees it, committed) per stream."""
-    return {r[0]: int(r[1]) for r in txn.fetchall("SELECT stream, position FROM stream_positions")}
+    return {r[0]: int(r[1]) for r in txn.fetchall(POSITIONS_SQL)}

@@ -49,6 +49,7 @@ async def get_public_rooms(req: Request) -> dict[str, Any]:
         token = req.access_token
         if token is None:
             raise MissingToken("Missing access token")
+        await req.hs.replicator.barrier()  # a token revoked on another worker fails here too
         await req.hs.auth.authenticate(token, req.client_ip, req.header(b"user-agent"))
     _check_server(req.query_str("server"), req.hs)
     limit = req.query_int("limit", None, minimum=0)
