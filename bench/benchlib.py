@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -262,13 +263,21 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
 class PgDatabase:
     """A fresh database on the administrative connection, dropped by :meth:`drop`."""
 
-    def __init__(self, prefix: str, c_locale: bool = False) -> None:
+    def __init__(
+        self, prefix: str, c_locale: bool = False, settings: dict[str, str] | None = None
+    ) -> None:
+        """``settings``: per-database defaults (``ALTER DATABASE ... SET``), e.g.
+        ``{"synchronous_commit": "off"}``."""
         import psycopg
 
         self.name = f"{prefix}_{secrets.token_hex(4)}"
         opts = " TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'" if c_locale else ""
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{self.name}"{opts}')
+            for key, value in (settings or {}).items():
+                if not re.fullmatch(r"[a-z_]+", key) or not re.fullmatch(r"[A-Za-z0-9_]+", value):
+                    raise ValueError(f"unexpected PostgreSQL setting {key}={value}")
+                conn.execute(f'ALTER DATABASE "{self.name}" SET {key} = {value}')
         base, _, _ = PG_ADMIN_URL.rpartition("/")
         self.url = f"{base}/{self.name}"
 
@@ -378,6 +387,7 @@ class Bastion(Server):
         encryption: bool = True,
         workers: int = 1,
         overrides: dict[str, Any] | None = None,
+        pg_settings: dict[str, str] | None = None,
     ) -> None:
         super().__init__(name, work_root)
         self.workers = workers
@@ -409,7 +419,7 @@ class Bastion(Server):
             self.shared_secret,
         ]
         if database == "postgresql":
-            self.db = PgDatabase("bastion_bench")
+            self.db = PgDatabase("bastion_bench", settings=pg_settings)
             init += ["--database-url", self.db.url]
         elif database != "sqlite":
             raise ValueError(f"unknown database {database!r}")
@@ -440,6 +450,8 @@ class Bastion(Server):
             )
         db = "SQLite" if database == "sqlite" else "PostgreSQL"
         layout = f", {workers} workers + Redis + nginx" if workers > 1 else ""
+        if pg_settings:
+            layout += ", " + ", ".join(f"{k}={v}" for k, v in pg_settings.items())
         enc = "" if encryption else ", encryption at rest off"
         self.label = f"Bastion {bastion_version()} ({db}{layout}{enc})"
 

@@ -9,6 +9,10 @@ Layouts (``--configs``, comma-separated, in this order by default):
   PostgreSQL database, a private ``redis-server`` (no persistence) as their bus,
   ``trusted_proxies: [127.0.0.1/32]``, and nginx round-robining every request over
   them (``--workers N`` changes the count; ``bastion-pg-Nw`` names it);
+* ``bastion-pg-async``, ``bastion-pg-Nw-async`` — the same with the database's
+  ``synchronous_commit = off`` (commits do not wait for the WAL fsync: a PostgreSQL
+  crash may lose the last few hundred milliseconds of acknowledged writes; see
+  docs/deployment.md);
 * ``synapse-pg`` — Synapse, single process, on PostgreSQL (psycopg2-binary is installed
   into ``bench/.venv-synapse`` on first use); ``synapse-sqlite`` is also available.
   Synapse's own workers are not set up (see docs/performance.md).
@@ -48,11 +52,15 @@ DEFAULT = "bastion-sqlite,bastion-pg,bastion-pg-2w,synapse-pg"
 def make_server(name: str, root: Path) -> bl.Server:
     if name == "bastion-sqlite":
         return bl.Bastion(name, root)
-    if name == "bastion-pg":
-        return bl.Bastion(name, root, database="postgresql")
-    m = re.fullmatch(r"bastion-pg-(\d+)w", name)
+    m = re.fullmatch(r"bastion-pg(?:-(\d+)w)?(-async)?", name)
     if m:
-        return bl.Bastion(name, root, database="postgresql", workers=int(m.group(1)))
+        return bl.Bastion(
+            name,
+            root,
+            database="postgresql",
+            workers=int(m.group(1) or 1),
+            pg_settings={"synchronous_commit": "off"} if m.group(2) else None,
+        )
     if name in ("synapse-sqlite", "synapse-pg"):
         return bl.Synapse(
             name, root, database="sqlite" if name.endswith("sqlite") else "postgresql"
