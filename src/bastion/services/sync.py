@@ -171,7 +171,7 @@ class SyncService:
                     room, m, token.events, histories.get(room_id), ignored=ignored, thread_counts=thread_counts
                 )
                 body: dict[str, Any] | None
-                full = changed or req.full_state or since_pos is None
+                full = self._joined_in_full(req, room_id, m, since_pos, token)
                 ephemeral_after = None if full or since is None else since
                 if full:
                     body = await self._room_full(req, ctx, None if changed else since_pos, limit, now, device_key)
@@ -263,15 +263,8 @@ class SyncService:
         """Read what the joined rooms sent in full need (their snapshots, receipts, unread
         counts and the user's membership history) a few transactions at a time instead of
         several per room. Returns the membership histories by room."""
-        room_filter = req.filter.room
         wanted = [
-            room_id
-            for room_id, m in memberships.items()
-            if m.membership == "join"
-            and not m.forgotten
-            and m.stream_ordering <= token.events
-            and (since_pos is None or req.full_state or m.stream_ordering > since_pos)
-            and room_filter.allows_room(room_id)
+            room_id for room_id, m in memberships.items() if self._joined_in_full(req, room_id, m, since_pos, token)
         ]
         if len(wanted) < 2:
             return {}
@@ -280,6 +273,20 @@ class SyncService:
         await self._receipts.preload(rooms)
         await self._push.unread_counts_many(list(rooms.values()), user, token.events)
         return await self._db.read(events_store.get_membership_histories, list(rooms), user)
+
+    @staticmethod
+    def _joined_in_full(
+        req: SyncRequest, room_id: str, m: Membership, since_pos: int | None, token: StreamToken
+    ) -> bool:
+        """Whether this response sends ``room_id`` in the join section in full (state and
+        timeline from scratch): the one rule for :meth:`_compute` and :meth:`_prefetch`."""
+        return (
+            m.membership == "join"
+            and not m.forgotten
+            and m.stream_ordering <= token.events
+            and (since_pos is None or req.full_state or m.stream_ordering > since_pos)
+            and req.filter.room.allows_room(room_id)
+        )
 
     async def _device_list_delta(
         self, user: str, since: StreamToken, token: StreamToken, memberships: dict[str, Membership]
