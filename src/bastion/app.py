@@ -179,10 +179,9 @@ def _load_remote_events(txn: Any, after: int, upto: int) -> tuple[Any, Any, Any]
     return events, replacing, push_actions_store.staged_decisions(txn, after, upto)
 
 
-def _initial_positions(txn: Any) -> StreamToken:
+def _initial_positions(durable: dict[str, int]) -> StreamToken:
     from bastion.clock import now_ms
 
-    durable = streams_store.positions(txn)
     ephemeral = now_ms()  # typing and presence positions are clock-based (shared by workers)
     return StreamToken(
         events=durable["events"],
@@ -395,10 +394,11 @@ class Homeserver:
         signing_key = load_signing_key(settings)
         db = await loop.run_in_executor(None, open_migrated_database, settings)
         single_lock = await loop.run_in_executor(None, claim_single_process, settings, db)
-        positions = await db.read(_initial_positions)
+        durable = await db.read(streams_store.positions)
+        positions = _initial_positions(durable)
         hs = cls(settings, db, signing_key, positions)
         hs._single_lock = single_lock
-        hs._register_streams(await db.read(invalidations_store.position))
+        hs._register_streams(durable[invalidations_store.STREAM])
         redis_url = settings.redis.resolved_url()
         if redis_url is not None:
             hs.bus = RedisBus(redis_url, hs.instance_id)
@@ -457,8 +457,8 @@ class Homeserver:
         for kind, user_id, device_id in rows:
             if kind == invalidations_store.TOKENS:
                 self.auth.forget_user(user_id, publish=False)
-            elif kind == invalidations_store.KEYS:
-                self.keys.forget_counts(user_id, device_id)
+            elif kind == invalidations_store.KEYS and device_id is not None:
+                self.keys.forget_counts((user_id, device_id))
 
     def _attach_bus(self, bus: RedisBus) -> None:
         """Ephemeral state and cache invalidations that travel only on the bus."""

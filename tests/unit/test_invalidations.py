@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.storage import invalidations
+from bastion.storage import invalidations, streams
 from bastion.storage.database import open_database
 from bastion.storage.migrate import migrate
 
@@ -26,13 +26,13 @@ def test_rows_come_back_in_order_and_pruning_reads_as_a_gap(tmp_path: Path, monk
         db = open_database(url)
         try:
             await db.write(_record_many, 3)
-            assert await db.read(invalidations.position) == 3
+            assert (await db.read(streams.positions))[invalidations.STREAM] == 3
             rows = await db.read(invalidations.load, 0, 3)
             assert rows == [("tokens", "@u0:hs", None), ("keys", "@u1:hs", None), ("tokens", "@u2:hs", None)]
             assert await db.read(invalidations.load, 1, 2) == [("keys", "@u1:hs", None)]
             # Position 1,000 prunes everything more than KEEP positions older.
             await db.write(_record_many, 997)
-            assert await db.read(invalidations.position) == 1000
+            assert (await db.read(streams.positions))[invalidations.STREAM] == 1000
             assert await db.read(invalidations.load, 0, 1000) is None  # a worker this far behind drops all
             tail = await db.read(invalidations.load, 995, 1000)
             assert tail is not None and [r[1] for r in tail] == [f"@u{i}:hs" for i in range(992, 997)]

@@ -91,7 +91,6 @@ class KeysService:
         self._memberships = memberships
         self._notifier = notifier
         self._replicator = replicator
-        # With several workers another one may change a device's key counts: no caching.
         # Cached until a key upload or claim changes them: on this worker directly, on
         # others through the cache-invalidation stream (app._apply_invalidations).
         self._counts_generation = 0
@@ -166,7 +165,7 @@ class KeysService:
 
     async def device_deleted(self, user_id: str, device_ids: list[str]) -> None:
         for device_id in device_ids:
-            self.forget_counts(user_id, device_id)
+            self.forget_counts((user_id, device_id))
             self._pending.pop((user_id, device_id), None)
 
         def cleanup(txn: Txn) -> None:
@@ -224,7 +223,7 @@ class KeysService:
             await self._device_lists_changed([user], with_change)
         else:
             await self._db.write(txn_fn)
-        self.forget_counts(user, device)
+        self.forget_counts((user, device))
         counts, _ = await self.counts(user, device)
         return {"one_time_key_counts": counts}
 
@@ -282,16 +281,13 @@ class KeysService:
                 self._counts.pop(next(iter(self._counts)))
         return counts, unused
 
-    def forget_counts(self, user: str | None = None, device: str | None = None) -> None:
-        """Drop cached counts: of one device, of every device of ``user``, or all."""
+    def forget_counts(self, device: tuple[str, str] | None = None) -> None:
+        """Drop the cached counts of one (user, device), or of all devices."""
         self._counts_generation += 1
-        if user is None:
+        if device is None:
             self._counts.clear()
-        elif device is not None:
-            self._counts.pop((user, device), None)
         else:
-            for key in [k for k in self._counts if k[0] == user]:
-                del self._counts[key]
+            self._counts.pop(device, None)
 
     # -- query and claim ------------------------------------------------------------------------------
 
@@ -379,7 +375,7 @@ class KeysService:
 
         keys = await self._db.write(txn_fn)
         for user_id, device_id, _ in requests:
-            self.forget_counts(user_id, device_id)
+            self.forget_counts((user_id, device_id))
         return {"one_time_keys": keys, "failures": failures}
 
     # -- cross-signing --------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from bastion.storage.database import Txn
 
 STREAM = "invalidations"
 TOKENS = "tokens"  # a user's access tokens or account flags changed: drop their cached tokens
-KEYS = "keys"  # a device's one-time / fallback keys changed: drop its cached counts
+KEYS = "keys"  # a device's one-time / fallback keys changed: drop its cached counts (device_id set)
 
 # Rows older than this many positions are pruned. Every worker reads the stream at least
 # once a second; one that fell further behind drops its whole caches instead.
@@ -22,10 +22,6 @@ def record(txn: Txn, kind: str, user_id: str, device_id: str | None = None) -> N
     )
     if position % 1000 == 0:
         txn.execute("DELETE FROM cache_invalidations WHERE stream_id <= ?", (position - KEEP,))
-
-
-def position(txn: Txn) -> int:
-    return int(txn.fetchval("SELECT position FROM stream_positions WHERE stream = ?", (STREAM,)))
 
 
 def load(txn: Txn, after: int, upto: int) -> list[tuple[str, str, str | None]] | None:
