@@ -43,7 +43,7 @@ from bastion.errors import (
     Unrecognized,
 )
 from bastion.security.crypto import IntegrityError
-from bastion.services.requester import current_client
+from bastion.services.requester import Requester, current_client
 
 T = TypeVar("T")
 log = logging.getLogger("bastion.http")
@@ -263,6 +263,19 @@ class Request:
             return None
         return token.strip()
 
+    async def authenticate(self) -> Requester:
+        """The requester behind the access token (M_MISSING_TOKEN, M_UNKNOWN_TOKEN).
+
+        With several workers it first sees every write committed before this request
+        (read-your-writes) — a revocation of this very token included — so the token
+        check comes after the replication barrier.
+        """
+        token = self.access_token
+        if token is None:
+            raise MissingToken("Missing access token")
+        await self.hs.replicator.barrier()  # returns at once with one process
+        return await self.hs.auth.authenticate(token, self.client_ip, self.header(b"user-agent"))
+
 
 MAX_JSON_DEPTH = 100
 
@@ -452,14 +465,7 @@ class MatrixApp:
             req = Request(scope, receive, params, self.hs, ip)
             current_client.set((ip, req.header(b"user-agent")))
             if route.auth:
-                token = req.access_token
-                if token is None:
-                    raise MissingToken("Missing access token")
-                if self.hs.replicator.clustered:
-                    # Several workers: see every write committed before this request
-                    # (read-your-writes) — including a revocation of this very token.
-                    await self.hs.replicator.barrier()
-                req.requester = await self.hs.auth.authenticate(token, ip, req.header(b"user-agent"))
+                req.requester = await req.authenticate()
             response = await route.handler(req)
         except MatrixError as exc:
             response = Response(orjson.dumps(exc.to_dict()), exc.status)

@@ -6,7 +6,7 @@ from typing import Any
 
 from bastion.api.http import CLIENT_V3, Request, RouteTable
 from bastion.core.ids import is_valid_room_id, is_valid_user_id
-from bastion.errors import BadJson, Forbidden, InvalidParam, MissingParam, MissingToken
+from bastion.errors import BadJson, Forbidden, InvalidParam, MissingParam
 from bastion.services.auth import UiaService
 
 MAX_TAG_LENGTH = 255
@@ -46,11 +46,7 @@ def _check_server(server: Any, hs: Any) -> None:
 async def get_public_rooms(req: Request) -> dict[str, Any]:
     """GET /_matrix/client/v3/publicRooms"""
     if not req.hs.settings.room_directory.public_without_auth:
-        token = req.access_token
-        if token is None:
-            raise MissingToken("Missing access token")
-        await req.hs.replicator.barrier()  # a token revoked on another worker fails here too
-        await req.hs.auth.authenticate(token, req.client_ip, req.header(b"user-agent"))
+        await req.authenticate()
     _check_server(req.query_str("server"), req.hs)
     limit = req.query_int("limit", None, minimum=0)
     return await req.hs.directory.public_rooms(limit=limit, since=req.query_str("since") or None, search=None, room_types=None)
