@@ -1,0 +1,76 @@
+"""The combined-regex route matcher picks the same route, with the same parameters, as
+trying each route's own pattern in order would."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+
+from bastion.api.http import RouteTable
+from bastion.app import build_routes
+from bastion.errors import InvalidParam
+from tests.contract import spec_loader
+
+
+def first_match(table: RouteTable, method: str, path: str) -> tuple[Any, dict[str, str], bool]:
+    known = False
+    for route in table.routes:
+        m = route.regex.match(path)
+        if m is None:
+            continue
+        if route.method != method:
+            known = True
+            continue
+        params = {n: unquote(raw) if raw is not None else "" for n, raw in zip(route.names, m.groups(), strict=True)}
+        return route, params, True
+    return None, {}, known
+
+
+def test_every_spec_path_and_method_matches_as_the_ordered_loop_does() -> None:
+    table = build_routes()
+    methods = sorted({r.method for r in table.routes} | {"PATCH"})
+    paths = {op.sample_path() for op in spec_loader.all_operations()}
+    paths |= {
+        "/_matrix/client/r0/sync",
+        "/_matrix/client/v3/rooms/%21a%3Aexample.org/state/m.room.name",
+        "/_matrix/client/v3/rooms/%21a%3Aexample.org/state/m.room.name/",
+        "/_matrix/client/v3/rooms/%21a%3Aexample.org/state/m.room.member/%40u%3Aexample.org",
+        "/_matrix/client/v3/nope",
+        "/",
+    }
+    matched = 0
+    for path in sorted(paths):
+        for method in methods:
+            got = table.match(method, path)
+            want = first_match(table, method, path)
+            assert got[0] is want[0], (method, path)
+            assert got[1:] == want[1:], (method, path)
+            matched += got[0] is not None
+    assert matched > 100  # the comparison covered the real routes, not only misses
+
+
+def test_route_order_decides_between_overlapping_templates() -> None:
+    table = RouteTable()
+
+    async def a(req: Any) -> Any: ...
+    async def b(req: Any) -> Any: ...
+
+    table.add("GET", "/x/{name}", a)
+    table.add("GET", "/x/special", b)
+    table.add("PUT", "/x/special", b)
+    route, params, _ = table.match("GET", "/x/special")
+    assert route is not None and route.handler is a and params == {"name": "special"}
+    route, _, _ = table.match("PUT", "/x/special")
+    assert route is not None and route.handler is b
+    assert table.match("DELETE", "/x/special") == (None, {}, True)  # 405, not 404
+    assert table.match("GET", "/y") == (None, {}, False)
+    table.add("GET", "/y", b)  # adding a route after matching is seen
+    assert table.match("GET", "/y")[0] is not None
+
+
+def test_a_nul_in_a_path_parameter_is_refused() -> None:
+    table = build_routes()
+    with pytest.raises(InvalidParam):
+        table.match("GET", "/_matrix/client/v3/rooms/%00/state")
