@@ -792,6 +792,31 @@ def test_unread_counts_survive_a_server_restart(make_server) -> None:
     scenario_with_clients(srv, body)
 
 
+def test_own_message_reads_the_room_also_after_a_restart(make_server) -> None:
+    """bob's reply marks what came before it as read (he has seen it); after a restart
+    the server must still know his newest message in the room, or his badge jumps back
+    to everything alice ever said."""
+    srv: ServerProcess = make_server()
+
+    async def body(c: Clients) -> None:
+        (alice, _), (bob, _) = await c.new_user(), await c.new_user()
+        room = await shared_room(alice, bob)
+        badge = Badge(alice, bob, room)
+        await badge.alice_says("one")
+        await badge.alice_says("two")
+        assert badge.counts() == (2, 0)
+        reply = await send_text(bob, room, "seen both")
+        await sync_until(bob, lambda: reply in badge.timeline.ids(room) and badge.counts() == (0, 0), "bob's reply")
+        await badge.alice_says("three")
+        assert badge.counts() == (1, 0)
+
+        srv.restart()
+        await bob.sync(timeout=0, full_state=True)  # counts come with every sync of the room
+        assert badge.counts() == (1, 0)
+
+    scenario_with_clients(srv, body)
+
+
 # -- user directory ----------------------------------------------------------------------------
 
 
