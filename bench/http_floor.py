@@ -1,0 +1,88 @@
+"""The HTTP floor: server CPU per request of an ASGI app that does nothing.
+
+Bastion serves HTTP with uvicorn (httptools parser, uvloop event loop). This starts
+uvicorn, same stack, with an app that answers every request with a fixed small JSON
+body (no routing, no auth, no work), drives it with aiohttp keep-alive connections,
+and reports the requests per second and the server's CPU per request. That is the
+least any request can cost on this stack; what a /sync or a send costs in Bastion
+above it is the application's work (docs/performance.md, "What the #7 throughput
+target needs").
+
+    .venv/bin/python bench/http_floor.py [--connections 50] [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+from benchlib import free_port
+
+APP = '''
+BODY = b'{"next_batch":"s1_2_3_4_5_6_7","rooms":{},"to_device":{"events":[]}}'
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
+'''
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(url: str, connections: int, duration: float, pid: int) -> tuple[int, float, float]:
+    count = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
+        async def one(stop: float) -> None:
+            nonlocal count
+            while time.monotonic() < stop:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    count += 1
+
+        await asyncio.gather(*(one(time.monotonic() + 1.0) for _ in range(connections)))  # warm-up
+        count = 0
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        await asyncio.gather(*(one(t0 + duration) for _ in range(connections)))
+        return count, time.monotonic() - t0, cpu_seconds(pid) - cpu0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--duration", type=float, default=10.0)
+    a = p.parse_args()
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "floor_app.py").write_text(APP)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "floor_app:app", "--port", str(port), "--loop", "uvloop",
+             "--http", "httptools", "--log-level", "warning", "--no-access-log"],
+            cwd=tmp,
+        )
+        try:
+            time.sleep(1.5)
+            url = f"http://127.0.0.1:{port}/_matrix/client/v3/sync?since=s1_2_3_4_5_6_7&timeout=30000"
+            count, seconds, cpu = asyncio.run(drive(url, a.connections, a.duration, server.pid))
+        finally:
+            server.terminate()
+            server.wait()
+    print(f"{count / seconds:,.0f} requests/s; server {cpu / seconds:.2f} cores, "
+          f"{cpu / count * 1e6:.0f} us of server CPU per request ({a.connections} connections, {seconds:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
