@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-
 from benchlib import free_port
 
 APP = '''

@@ -10,6 +10,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -169,6 +170,36 @@ def test_server_restart_keeps_sync_tokens_valid(make_server) -> None:
     sync = alice.sync(since=since)
     bodies = [e["content"]["body"] for e in sync["rooms"]["join"][room]["timeline"]["events"]]
     assert len(bodies) == 1 and bodies[0].startswith("after restart")
+
+
+def test_long_poll_after_a_restart_answers_at_once_with_what_it_missed(make_server) -> None:
+    """A long-poll need not compute before waiting when nothing was notified for the
+    user since its token — but a restarted server saw no notifications from before it
+    started, so a token from before the restart must get its news at once, not after
+    the long-poll's timeout. (Presence off: going online would notify alice herself.)"""
+    srv: ServerProcess = make_server(presence={"enabled": False})
+    alice = srv.client().register()
+    room = alice.create_room()
+    since = alice.sync()["next_batch"]
+    alice.send(room, "missed while away")
+    srv.restart()
+    started = time.monotonic()
+    sync = alice.sync(since=since, timeout=30_000)
+    assert time.monotonic() - started < 15, "the long-poll waited although it had news"
+    bodies = [e["content"]["body"] for e in sync["rooms"]["join"][room]["timeline"]["events"]]
+    assert bodies == ["missed while away"]
+    # And with nothing new, a long-poll does wait, then wakes for the next message.
+    since = sync["next_batch"]
+    woke: dict[str, Any] = {}
+    poll = threading.Thread(target=lambda: woke.update(alice.sync(since=since, timeout=30_000)))
+    poll.start()
+    time.sleep(0.5)
+    assert poll.is_alive()
+    alice.send(room, "wake up")
+    poll.join(15)
+    assert not poll.is_alive()
+    bodies = [e["content"]["body"] for e in woke["rooms"]["join"][room]["timeline"]["events"]]
+    assert bodies == ["wake up"]
 
 
 def test_readiness_and_metrics_on_their_own_listener(make_server) -> None:

@@ -147,6 +147,7 @@ class EventPersister:
             metrics.PERSIST_SECONDS.observe(time.perf_counter() - started)
             metrics.PERSIST_EVENTS.inc(sum(len(u.events) for u, e in zip(units, results, strict=True) if e is None))
             woken: set[str] = set()
+            lost_track = False
             async with self._replicator.lock("events"):
                 if first:
                     # Positions other workers committed below ours are applied first.
@@ -166,9 +167,13 @@ class EventPersister:
                         unit.room.stale = True
                         self._rooms.discard(unit.room.room_id)
                         self._memberships.drop_all()
+                        lost_track = True
                 if first:
                     self._replicator.after_local_apply("events", last)
                 self._notifier.advance(self._notifier.current.with_events(self._replicator.applied["events"]))
+                if lost_track:
+                    # Whom the unit concerned is unknown: long-polls compute before waiting.
+                    self._notifier.lost_track()
                 self._notifier.notify_users(woken)
             for (_, fut), error in zip(batch, results, strict=True):
                 if error is None and not fut.done():

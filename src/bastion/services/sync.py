@@ -117,6 +117,12 @@ class SyncService:
         since = req.since
         if since is not None:
             since = since.min(self._notifier.current)
+            remaining = deadline - time.monotonic()
+            if remaining > 0 and not req.full_state and self._notifier.nothing_since(user, since):
+                # Nothing for this user since ``since``: computing now could only give an
+                # empty response to throw away. Wait first (woken, or timed out, the loop
+                # below computes the answer).
+                await self._notifier.wait_for(user, since, remaining)
         while True:
             rooms_map = await self._memberships.rooms_for(user)
             # No await between reading the token and copying the membership map: both
