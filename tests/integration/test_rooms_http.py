@@ -287,6 +287,26 @@ def test_nul_characters_are_refused_not_crashing(alice: MatrixHttp) -> None:
         assert resp.json()["errcode"].startswith("M_")
     resp = alice.raw("GET", "/_matrix/client/v3/sync", params={"since": "s1\x00"})
     assert resp.status_code == 400
+    # Numbers in tokens and IDs written with digits int() refuses (Unicode "²", or more
+    # than 4,300 of them): a clear 4xx, never a 500.
+    import base64
+    for bad in ("\u00b2", "9" * 5000):
+        directory_since = base64.urlsafe_b64encode(f"o{bad}".encode()).decode().rstrip("=")
+        cases_get = [
+            ("/_matrix/client/v3/sync", {"since": "s" + bad}, 400, "M_INVALID_PARAM"),
+            (f"/_matrix/client/v3/rooms/{room}/messages", {"from": "t" + bad}, 400, "M_INVALID_PARAM"),
+            (f"/_matrix/client/v3/user/{alice.user_id}/filter/{bad}", {}, 400, "M_INVALID_PARAM"),
+            ("/_matrix/client/v3/notifications", {"from": bad}, 400, "M_INVALID_PARAM"),
+            (f"/_matrix/client/v3/room_keys/version/{bad}", {}, 404, "M_NOT_FOUND"),
+            (f"/_matrix/client/v1/rooms/{room}/threads", {"from": "th" + bad}, 400, "M_INVALID_PARAM"),
+            ("/_matrix/client/v3/publicRooms", {"since": directory_since}, 400, "M_INVALID_PARAM"),
+        ]
+        for path, params, status, errcode in cases_get:
+            resp = alice.raw("GET", path, params=params)
+            assert (resp.status_code, resp.json().get("errcode")) == (status, errcode), (path[:80], resp.text[:200])
+        resp = alice.raw("POST", "/_matrix/client/v3/search", params={"next_batch": "rank:" + bad},
+                         json={"search_categories": {"room_events": {"search_term": "x"}}})
+        assert (resp.status_code, resp.json().get("errcode")) == (400, "M_INVALID_PARAM"), resp.text[:200]
     # NUL inside message content is fine: it is data, stored in the event blob.
     event_id = alice.send(room, "before\u0000after")
     assert alice.call("GET", f"/_matrix/client/v3/rooms/{room}/event/{event_id}")["content"]["body"] == "before\u0000after"

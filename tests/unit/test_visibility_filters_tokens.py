@@ -91,6 +91,7 @@ def test_tokens_round_trip_and_reject_garbage() -> None:
     assert not token.is_after(token)
     assert decode_pagination(encode_pagination(9)) == 9
     assert decode_pagination("s12_3") == 12
-    for bad in ("", "x1", "s", "s-1", "s1_2_3_4_5_6_7_8_9", "t", "t1a", "s" + "9" * 30, "s1__2"):
+    for bad in ("", "x1", "s", "s-1", "s1_2_3_4_5_6_7_8_9", "t", "t1a", "s" + "9" * 30, "s1__2",
+                "s\u00b2", "s1_\u0663", "t\u00b2", "s 1", "s+1"):  # digits int() refuses; signs, spaces
         with pytest.raises(InvalidParam):
             decode_pagination(bad) if bad.startswith("t") else StreamToken.decode(bad)

@@ -99,6 +99,17 @@ def is_valid_opaque_id(value: str, max_length: int = 255) -> bool:
     return 0 < len(value) <= max_length and bool(_OPAQUE_RE.match(value))
 
 
+def parse_digits(text: str, max_digits: int = 18) -> int | None:
+    """The number ``text`` writes in ASCII digits (at most ``max_digits``), else None.
+
+    For the numbers inside opaque tokens. ``str.isdigit()`` alone is not enough: it
+    accepts digits ``int()`` refuses ("²"), and ``int()`` refuses more than 4,300 digits.
+    """
+    if not text or len(text) > max_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def server_of(identifier: str) -> str:
     """The server-name part of a sigil-prefixed identifier."""
     return identifier.split(":", 1)[1]

@@ -18,6 +18,7 @@ import base64
 from typing import Any
 
 from bastion.core.auth_rules import join_rule, required_power_level, user_power_level
+from bastion.core.ids import parse_digits
 from bastion.core.visibility import normalise_visibility
 from bastion.errors import BadJson, Forbidden, InvalidParam, NotFound
 from bastion.services.caches import RoomCache, RoomSnapshot
@@ -71,9 +72,10 @@ def _decode_offset(token: str) -> int:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
         raise InvalidParam("Invalid 'since' token") from None
-    if not raw.startswith("o") or not raw[1:].isdigit() or len(raw) > 12:
+    number = parse_digits(raw[1:], max_digits=11) if raw.startswith("o") else None
+    if number is None:
         raise InvalidParam("Invalid 'since' token")
-    return int(raw[1:])
+    return number
 
 
 class DirectoryService:

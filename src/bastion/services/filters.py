@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from bastion.core.filters import Filter
+from bastion.core.ids import parse_digits
 from bastion.errors import BadJson, InvalidParam
 from bastion.storage import rooms as rooms_store
 from bastion.storage.database import Database
@@ -52,9 +53,10 @@ class FilterService:
 
     @staticmethod
     def _parse_id(filter_id: str) -> int:
-        if not filter_id.isdigit() or len(filter_id) > 18:
+        number = parse_digits(filter_id)
+        if number is None:
             raise InvalidParam("Invalid filter ID")
-        return int(filter_id)
+        return number
 
     async def get_raw(self, user_id: str, filter_id: str) -> bytes | None:
         return await self._db.read(rooms_store.get_filter, user_id, self._parse_id(filter_id))

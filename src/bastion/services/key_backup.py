@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from bastion.core.canonical_json import check_event_values
+from bastion.core.ids import parse_digits
 from bastion.errors import BadJson, InvalidParam, MatrixError, NotFound
 from bastion.services.requester import Requester
 from bastion.storage import e2e as e2e_store
@@ -29,9 +30,10 @@ class WrongVersion(MatrixError):
 
 
 def _parse_version(value: Any) -> int:
-    if not isinstance(value, str) or not value.isdigit() or len(value) > 18:
+    number = parse_digits(value) if isinstance(value, str) else None
+    if number is None:
         raise NotFound("Unknown backup version")
-    return int(value)
+    return number
 
 
 def _session(data: Any) -> tuple[int, int, bool, bytes]:

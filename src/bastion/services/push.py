@@ -33,7 +33,7 @@ import orjson
 from bastion.clock import now_ms
 from bastion.core.auth_rules import user_power_level
 from bastion.core.events import Event, StateKey, thread_root
-from bastion.core.ids import is_valid_room_id, is_valid_user_id
+from bastion.core.ids import is_valid_room_id, is_valid_user_id, parse_digits
 from bastion.core.push_rules import (
     KINDS,
     CompiledRule,
@@ -487,9 +487,9 @@ class PushRulesService:
         """GET /notifications: the stored notifications, newest first (rooms the user is in)."""
         before = None
         if from_token:
-            if not from_token.isdigit() or len(from_token) > 18:
+            before = parse_digits(from_token)
+            if before is None:
                 raise InvalidParam("Invalid 'from' token")
-            before = int(from_token)
         if only not in (None, "highlight"):
             raise InvalidParam("'only' may only be 'highlight'")
         user = requester.user_id

@@ -22,6 +22,7 @@ from bastion.storage.database import Database
 
 if TYPE_CHECKING:
     from bastion.services.room_reads import RoomReadService
+from bastion.core.ids import parse_digits
 from bastion.streams.tokens import decode_pagination, encode_pagination
 
 MAX_RECURSION = 3
@@ -172,9 +173,9 @@ class RelationsService:
         access = await self._reads.access(requester, room_id)
         before = None
         if from_token:
-            if not from_token.startswith("th") or not from_token[2:].isdigit():
+            before = parse_digits(from_token[2:]) if from_token.startswith("th") else None
+            if before is None:
                 raise InvalidParam("Invalid 'from' token")
-            before = int(from_token[2:])
         rows = await self._db.read(
             relations_store.thread_roots, room_id, requester.user_id if include == "participated" else None,
             before, limit + 1,

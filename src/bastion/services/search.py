@@ -12,6 +12,7 @@ from typing import Any
 from bastion.clock import now_ms
 from bastion.core.events import Event
 from bastion.core.filters import EventFilter
+from bastion.core.ids import parse_digits
 from bastion.core.visibility import is_visible
 from bastion.errors import BadJson, InvalidParam
 from bastion.services.caches import EventCache, MembershipIndex, RoomCache
@@ -86,12 +87,13 @@ class SearchService:
         offset, before = 0, None
         if next_batch:
             kind, _, value = next_batch.partition(":")
-            if not value.isdigit() or kind not in ("rank", "recent"):
+            number = parse_digits(value)
+            if number is None or kind not in ("rank", "recent"):
                 raise InvalidParam("Invalid 'next_batch' token")
             if kind == "rank":
-                offset = int(value)
+                offset = number
             else:
-                before = int(value)
+                before = number
 
         memberships = await self._memberships.rooms_for(requester.user_id)
         room_ids = sorted(r for r, m in memberships.items() if m.membership == "join" and flt.allows_room(r))

@@ -43,15 +43,13 @@ class StreamToken:
         if not text.startswith("s") or len(text) > 200:
             raise InvalidParam(f"'{what}' is not a valid sync token")
         parts = text[1:].split("_")
-        names = _NAMES
-        if len(parts) > len(names) or not parts[0]:
+        # isascii: str.isdigit() also accepts digits int() refuses ("²").
+        if len(parts) > len(_NAMES) or not all(p.isascii() and p.isdigit() for p in parts):
             raise InvalidParam(f"'{what}' is not a valid sync token")
-        values: dict[str, int] = {}
-        for name, part in zip(names, parts, strict=False):
-            if not part.isdigit() or int(part) > _MAX:
-                raise InvalidParam(f"'{what}' is not a valid sync token")
-            values[name] = int(part)
-        return cls(**values)
+        values = [int(p) for p in parts]
+        if max(values) > _MAX:
+            raise InvalidParam(f"'{what}' is not a valid sync token")
+        return cls(*values)
 
     def is_after(self, other: StreamToken) -> bool:
         """True if any stream in ``self`` is ahead of ``other``."""
@@ -84,7 +82,7 @@ def encode_pagination(position: int) -> str:
 
 def decode_pagination(text: str, what: str = "from") -> int:
     """A position in the event stream from a ``t<n>`` token or a sync token."""
-    if text.startswith("t") and text[1:].isdigit() and len(text) < 25:
+    if text.startswith("t") and text[1:].isascii() and text[1:].isdigit() and len(text) < 25:
         return int(text[1:])
     if text.startswith("s"):
         return StreamToken.decode(text, what).events
