@@ -117,11 +117,22 @@ class RoomSnapshot:
         self.last_event_by: dict[str, int] = dict(last_event_by or {})
         self.joined: set[str] = set()
         self.invited: set[str] = set()
+        # (stream, user, membership) of every member event, oldest first; built when a
+        # /sync summary first needs heroes, dropped when membership changes.
+        self._members_by_age: list[tuple[int, str, str | None]] | None = None
         self._recount()
 
     def _recount(self) -> None:
         self.joined = {k[1] for k, e in self.state.items() if k[0] == "m.room.member" and e.membership == "join"}
         self.invited = {k[1] for k, e in self.state.items() if k[0] == "m.room.member" and e.membership == "invite"}
+
+    def members_by_age(self) -> list[tuple[int, str, str | None]]:
+        """(stream ordering, user, membership) of each member event, oldest first."""
+        if self._members_by_age is None:
+            self._members_by_age = sorted(
+                (e.stream_ordering, k[1], e.membership) for k, e in self.state.items() if k[0] == "m.room.member"
+            )
+        return self._members_by_age
 
     def membership_of(self, user_id: str) -> str:
         event = self.state.get(("m.room.member", user_id))
@@ -139,6 +150,7 @@ class RoomSnapshot:
         if event.state_key is not None:
             self.state[(event.type, event.state_key)] = event
             if event.type == "m.room.member":
+                self._members_by_age = None
                 user = event.state_key
                 self.joined.discard(user)
                 self.invited.discard(user)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -672,17 +673,15 @@ class SyncService:
                 return True
         return False
 
-    def _heroes(self, room: RoomSnapshot, user: str) -> list[str]:
-        members = [
-            (e.stream_ordering, k[1], e.membership)
-            for k, e in room.state.items()
-            if k[0] == "m.room.member" and k[1] != user
-        ]
-        members.sort()
-        active = [u for _, u, m in members if m in ("join", "invite")]
+    @staticmethod
+    def _heroes(room: RoomSnapshot, user: str) -> list[str]:
+        """Up to five other members, oldest membership first: joined or invited ones,
+        else those who left or were banned."""
+        members = room.members_by_age()
+        active = list(islice((u for _, u, m in members if u != user and m in ("join", "invite")), 5))
         if active:
-            return active[:5]
-        return [u for _, u, m in members if m in ("leave", "ban")][:5]
+            return active
+        return list(islice((u for _, u, m in members if u != user and m in ("leave", "ban")), 5))
 
     async def _add_summary_and_counts(self, body: dict[str, Any], ctx: _RoomCtx, user: str) -> None:
         room = ctx.room
