@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bastion.core.events import Event
+from bastion.core.ids import parse_digits
 from bastion.core.visibility import is_visible, visible_at
 from bastion.errors import InvalidParam, MatrixError, NotFound
 from bastion.services.caches import EventCache
@@ -22,7 +23,6 @@ from bastion.storage.database import Database
 
 if TYPE_CHECKING:
     from bastion.services.room_reads import RoomReadService
-from bastion.core.ids import parse_digits
 from bastion.streams.tokens import decode_pagination, encode_pagination
 
 MAX_RECURSION = 3
