@@ -471,23 +471,7 @@ class Bastion(Server):
 
     def start(self) -> None:
         if self.workers > 1:
-            self.redis = subprocess.Popen(
-                [
-                    "redis-server",
-                    *("--port", str(self.redis_port), "--bind", "127.0.0.1"),
-                    *("--save", "", "--appendonly", "no"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            deadline = time.monotonic() + 10
-            while True:
-                with socket.socket() as sock:
-                    if sock.connect_ex(("127.0.0.1", self.redis_port)) == 0:
-                        break
-                if time.monotonic() > deadline or self.redis.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
+            self.redis = start_redis(self.redis_port)
         # The first worker migrates the database; the others start once it is up.
         self.procs[0] = self._spawn(0)
         url = f"http://127.0.0.1:{self.worker_ports[0]}/_matrix/client/versions"
@@ -500,18 +484,7 @@ class Bastion(Server):
             assert proc is not None
             _wait_healthy(url, proc, self.log_path, 120)
         if self.workers > 1:
-            with open(self.work / "nginx-error.log", "ab") as err:
-                self.nginx = subprocess.Popen(
-                    ["nginx", "-p", str(self.work), "-c", str(self.work / "nginx.conf")],
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                )
-            _wait_healthy(
-                self.base_url + "/_matrix/client/versions",
-                self.nginx,
-                self.work / "nginx-error.log",
-                30,
-            )
+            self.nginx = start_nginx(self.work, self.base_url)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -544,8 +517,9 @@ class Bastion(Server):
         }
 
 
-def ensure_synapse(postgres: bool = False) -> str:
-    """Synapse's interpreter; installs SYNAPSE_SPEC (and psycopg2-binary) on first use."""
+def ensure_synapse(postgres: bool = False, redis: bool = False) -> str:
+    """Synapse's interpreter; installs SYNAPSE_SPEC (and psycopg2-binary, and Synapse's
+    ``redis`` extra for its workers) on first use."""
     py = SYNAPSE_VENV / "bin" / "python"
     pip = [str(SYNAPSE_VENV / "bin" / "pip"), "install", "-q"]
     if subprocess.run([str(py), "-c", "import synapse"], capture_output=True).returncode != 0:
@@ -561,6 +535,9 @@ def ensure_synapse(postgres: bool = False) -> str:
     ):
         log(f"installing psycopg2-binary into {SYNAPSE_VENV} (Synapse on PostgreSQL)")
         subprocess.run([*pip, "psycopg2-binary"], check=True)
+    if redis and subprocess.run([str(py), "-c", "import txredisapi"], capture_output=True).returncode:
+        log(f"installing txredisapi and hiredis into {SYNAPSE_VENV} (Synapse's workers)")
+        subprocess.run([*pip, "txredisapi>=1.4.12,<1.6.0", "hiredis"], check=True)
     return str(py)
 
 
@@ -580,10 +557,12 @@ class Synapse(Server):
         *,
         database: str = "sqlite",
         extra_args: Sequence[str] = (),
+        pg_settings: dict[str, str] | None = None,
+        redis: bool = False,
     ) -> None:
         super().__init__(name, work_root)
         self.database = database
-        self.py = ensure_synapse(postgres=database == "postgresql")
+        self.py = ensure_synapse(postgres=database == "postgresql", redis=redis)
         self.config_path = self.work / "homeserver.yaml"
         self.proc: subprocess.Popen[bytes] | None = None
         subprocess.run(
@@ -608,7 +587,7 @@ class Synapse(Server):
         patch += ["--port", str(self.port), "--shared-secret", self.shared_secret]
         patch += ["--presence", "on" if PRESENCE else "off", *extra_args]
         if database == "postgresql":
-            self.db = PgDatabase("synapse_bench", c_locale=True)
+            self.db = PgDatabase("synapse_bench", c_locale=True, settings=pg_settings)
             patch += ["--database-url", self.db.url]
         elif database != "sqlite":
             raise ValueError(f"unknown database {database!r}")
@@ -619,6 +598,8 @@ class Synapse(Server):
             text=True,
         ).stdout.strip()
         self.label = f"Synapse {version} ({'SQLite' if database == 'sqlite' else 'PostgreSQL'})"
+        if pg_settings:
+            self.label = self.label[:-1] + ", " + ", ".join(f"{k}={v}" for k, v in pg_settings.items()) + ")"
 
     def start(self) -> None:
         with open(self.work / "stdout.log", "ab") as out:
@@ -648,6 +629,184 @@ class Synapse(Server):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "database": self.database, "presence": PRESENCE}
+
+
+SYNAPSE_NGINX = """\
+{user}worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/nginx-tmp/body;
+    proxy_temp_path {dir}/nginx-tmp/proxy;
+    fastcgi_temp_path {dir}/nginx-tmp/fastcgi;
+    uwsgi_temp_path {dir}/nginx-tmp/uwsgi;
+    scgi_temp_path {dir}/nginx-tmp/scgi;
+    upstream synapse_main {{ server 127.0.0.1:{main_port}; keepalive 256; }}
+    upstream synapse_sync {{
+{sync_servers}
+        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 200m;
+        location ~ ^/_matrix/client/(r0|v3)/sync$ {{
+            proxy_pass http://synapse_sync;
+            include {proxy_conf};
+        }}
+        location / {{
+            proxy_pass http://synapse_main;
+            include {proxy_conf};
+        }}
+    }}
+}}
+"""
+
+
+class SynapseWorkers(Synapse):
+    """Synapse with its own workers: the main process (event persistence, everything
+    but /sync) and ``sync_workers`` generic workers serving /sync, Redis between them,
+    nginx routing /sync to the workers (round robin) and the rest to the main process —
+    the split Synapse's worker documentation starts with.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        work_root: Path,
+        *,
+        sync_workers: int = 1,
+        pg_settings: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(name, work_root, database="postgresql", pg_settings=pg_settings, redis=True)
+        self.main_port = free_port()
+        self.replication_port = free_port()
+        self.redis_port = free_port()
+        self.worker_ports = [free_port() for _ in range(sync_workers)]
+        self.workers: list[subprocess.Popen[bytes] | None] = [None] * sync_workers
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.nginx: subprocess.Popen[bytes] | None = None
+        config = yaml.safe_load(self.config_path.read_text())
+        for listener in config["listeners"]:
+            if listener.get("port") == self.port:
+                listener["port"] = self.main_port
+                listener["x_forwarded"] = True
+        config["listeners"].append({
+            "port": self.replication_port,
+            "bind_addresses": ["127.0.0.1"],
+            "type": "http",
+            "resources": [{"names": ["replication"]}],
+        })
+        config["instance_map"] = {"main": {"host": "127.0.0.1", "port": self.replication_port}}
+        config["redis"] = {"enabled": True, "host": "127.0.0.1", "port": self.redis_port}
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        log_config = Path(config["log_config"])
+        for i, port in enumerate(self.worker_ports):
+            worker_log = self.work / f"sync{i}.log.config"
+            worker_log.write_text(log_config.read_text().replace("homeserver.log", f"sync{i}.log"))
+            (self.work / f"sync{i}.yaml").write_text(yaml.safe_dump({
+                "worker_app": "synapse.app.generic_worker",
+                "worker_name": f"sync{i}",
+                "worker_listeners": [{
+                    "type": "http",
+                    "port": port,
+                    "bind_addresses": ["127.0.0.1"],
+                    "x_forwarded": True,
+                    "resources": [{"names": ["client"]}],
+                }],
+                "worker_log_config": str(worker_log),
+            }, sort_keys=False))
+        (self.work / "nginx-tmp").mkdir()
+        (self.work / "nginx.conf").write_text(SYNAPSE_NGINX.format(
+            user="user root;\n" if os.geteuid() == 0 else "",
+            dir=self.work,
+            main_port=self.main_port,
+            sync_servers="\n".join(f"        server 127.0.0.1:{p} max_fails=0;" for p in self.worker_ports),
+            port=self.port,
+            proxy_conf=NGINX_PROXY_CONF,
+        ))
+        self.label = self.label[:-1] + f", main + {sync_workers} sync worker{'s' if sync_workers > 1 else ''} + Redis + nginx)"
+
+    def start(self) -> None:
+        self.redis = start_redis(self.redis_port)
+        with open(self.work / "stdout.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                [*prio_server(), self.py, "-m", "synapse.app.homeserver", "--config-path", str(self.config_path)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.work,
+            )
+        _wait_healthy(f"http://127.0.0.1:{self.main_port}/_matrix/client/versions", self.proc,
+                      self.work / "stdout.log", 180)
+        for i in range(len(self.worker_ports)):
+            with open(self.work / f"sync{i}-stdout.log", "ab") as out:
+                self.workers[i] = subprocess.Popen(
+                    [*prio_server(), self.py, "-m", "synapse.app.generic_worker",
+                     "--config-path", str(self.config_path), "--config-path", str(self.work / f"sync{i}.yaml")],
+                    stdout=out, stderr=subprocess.STDOUT, cwd=self.work,
+                )
+        for i, port in enumerate(self.worker_ports):
+            proc = self.workers[i]
+            assert proc is not None
+            _wait_healthy(f"http://127.0.0.1:{port}/_matrix/client/versions", proc,
+                          self.work / f"sync{i}-stdout.log", 180)
+        self.nginx = start_nginx(self.work, self.base_url)
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            _stop(proc)
+        self.workers = [None] * len(self.worker_ports)
+        super().stop()
+        _stop(self.nginx)
+        _stop(self.redis)
+        self.nginx = self.redis = None
+
+    def server_pids(self) -> list[int]:
+        return super().server_pids() + [p.pid for p in self.workers if p is not None]
+
+    def aux_pids(self) -> list[int]:
+        return [p.pid for p in (self.nginx, self.redis) if p is not None] + super().aux_pids()
+
+    def log_files(self) -> list[Path]:
+        return [*super().log_files(), *(self.work / f"sync{i}.log" for i in range(len(self.worker_ports))),
+                *(self.work / f"sync{i}-stdout.log" for i in range(len(self.worker_ports))),
+                self.work / "nginx-error.log"]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "sync_workers": len(self.worker_ports)}
+
+
+def start_redis(port: int) -> subprocess.Popen[bytes]:
+    """A private redis-server on 127.0.0.1:port, no persistence; returns once it accepts."""
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            *("--port", str(port), "--bind", "127.0.0.1"),
+            *("--save", "", "--appendonly", "no"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.05)
+
+
+def start_nginx(work: Path, base_url: str) -> subprocess.Popen[bytes]:
+    """nginx with ``work/nginx.conf``; returns once ``base_url`` answers through it."""
+    with open(work / "nginx-error.log", "ab") as err:
+        proc = subprocess.Popen(
+            ["nginx", "-p", str(work), "-c", str(work / "nginx.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    _wait_healthy(base_url + "/_matrix/client/versions", proc, work / "nginx-error.log", 30)
+    return proc
 
 
 def work_root() -> Path:

@@ -14,8 +14,11 @@ Layouts (``--configs``, comma-separated, in this order by default):
   crash may lose the last few hundred milliseconds of acknowledged writes; see
   docs/deployment.md);
 * ``synapse-pg`` — Synapse, single process, on PostgreSQL (psycopg2-binary is installed
-  into ``bench/.venv-synapse`` on first use); ``synapse-sqlite`` is also available.
-  Synapse's own workers are not set up (see docs/performance.md).
+  into ``bench/.venv-synapse`` on first use); ``synapse-sqlite`` is also available;
+* ``synapse-pg-Nw`` — Synapse with its own workers: the main process and N-1 generic
+  workers serving ``/sync``, Redis between them (Synapse's ``redis`` extra is installed
+  on first use), nginx sending ``/sync`` to the workers and everything else to the main
+  process; ``-async`` as for Bastion.
 
 For each: start it (fresh temporary directory and database), create the core
 scenario's users and rooms (100 users, 20 rooms of 10), run ``find_max_rate.py``
@@ -61,10 +64,15 @@ def make_server(name: str, root: Path) -> bl.Server:
             workers=int(m.group(1) or 1),
             pg_settings={"synchronous_commit": "off"} if m.group(2) else None,
         )
-    if name in ("synapse-sqlite", "synapse-pg"):
-        return bl.Synapse(
-            name, root, database="sqlite" if name.endswith("sqlite") else "postgresql"
-        )
+    if name == "synapse-sqlite":
+        return bl.Synapse(name, root, database="sqlite")
+    m = re.fullmatch(r"synapse-pg(?:-(\d+)w)?(-async)?", name)
+    if m:
+        pg_settings = {"synchronous_commit": "off"} if m.group(2) else None
+        processes = int(m.group(1) or 1)
+        if processes == 1:
+            return bl.Synapse(name, root, database="postgresql", pg_settings=pg_settings)
+        return bl.SynapseWorkers(name, root, sync_workers=processes - 1, pg_settings=pg_settings)
     raise SystemExit(f"unknown layout {name!r}")
 
 
