@@ -131,11 +131,18 @@ class PresenceService:
 
     async def _wake_watchers(self, user_id: str) -> None:
         users: set[str] = {user_id}
+        unknown = False
         for room_id, membership in (await self._memberships.rooms_for(user_id)).items():
             if membership.membership == "join":
                 room = self._rooms.cached(room_id)
                 if room is not None:
                     users |= room.joined
+                else:
+                    unknown = True
+        if unknown:
+            # Members of a room not in memory are not woken: long-polls from before now
+            # must compute before they wait (Notifier.nothing_since).
+            self._notifier.lost_track()
         self._notifier.notify_users(users)
 
     async def set_status(self, requester: Requester, user_id: str, body: dict[str, Any]) -> None:

@@ -107,6 +107,10 @@ class TypingService:
         room = self._rooms.cached(room_id)
         if room is not None:
             self._notifier.notify_users(room.joined)
+        else:
+            # Its members are not known without loading the room: long-polls from before
+            # now must compute before they wait (Notifier.nothing_since).
+            self._notifier.lost_track()
 
     def typing_event(self, room_id: str, after: int | None, upto: int) -> dict[str, object] | None:
         """The ``m.typing`` ephemeral event for a sync, or None if nothing to say."""
