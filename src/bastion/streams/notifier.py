@@ -61,7 +61,8 @@ class Notifier:
 
     def lost_track(self) -> None:
         """Something changed that may not have notified everyone it concerns (an error
-        half-way through publishing): stop vouching for anything before now."""
+        half-way through publishing; typing or presence in a room not in memory): stop
+        vouching for anything before now."""
         self._floor = self.current
 
     async def wait_for(self, user_id: str, since: StreamToken, timeout_s: float) -> bool:
