@@ -535,7 +535,11 @@ def ensure_synapse(postgres: bool = False, redis: bool = False) -> str:
     ):
         log(f"installing psycopg2-binary into {SYNAPSE_VENV} (Synapse on PostgreSQL)")
         subprocess.run([*pip, "psycopg2-binary"], check=True)
-    if redis and subprocess.run([str(py), "-c", "import txredisapi"], capture_output=True).returncode:
+    has_redis_extra = (
+        "import importlib.metadata as m, hiredis; v = m.version('txredisapi').split('.');"
+        " raise SystemExit(not ((1, 4, 12) <= tuple(map(int, v[:3])) < (1, 6)))"
+    )
+    if redis and subprocess.run([str(py), "-c", has_redis_extra], capture_output=True).returncode:
         log(f"installing txredisapi and hiredis into {SYNAPSE_VENV} (Synapse's workers)")
         subprocess.run([*pip, "txredisapi>=1.4.12,<1.6.0", "hiredis"], check=True)
     return str(py)
