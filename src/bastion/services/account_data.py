@@ -66,7 +66,9 @@ class AccountDataService:
     async def apply_remote(self, rows: list[tuple[str, str, str, int]], upto: int) -> None:
         """Account data another worker wrote: refresh what is cached, wake the owners."""
         for user_id, room_id, data_type, stream_id in rows:
-            if user_id in self._latest_for_user and self._latest_for_user[user_id] < stream_id:
+            # Recorded for users not cached yet too: a read of their changes may be in
+            # flight, and the bound it stores when it returns must not hide this row.
+            if self._latest_for_user.get(user_id, 0) < stream_id:
                 self._latest_for_user[user_id] = stream_id
             if data_type == "m.ignored_user_list" and not room_id:
                 self._ignored.pop(user_id, None)

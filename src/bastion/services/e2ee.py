@@ -157,8 +157,10 @@ class KeysService:
 
     async def apply_remote_to_device(self, rows: list[tuple[int, str, str]], upto: int) -> None:
         for stream_id, user_id, device_id in rows:
+            # Recorded for devices not cached yet too: a read of their queue may be in
+            # flight, and what it stores when it returns must not hide this message.
             key = (user_id, device_id)
-            if self._pending.get(key, 0) < stream_id and key in self._pending:
+            if self._pending.get(key, 0) < stream_id:
                 self._pending[key] = stream_id
         self._notifier.advance(replace(self._notifier.current, to_device=upto))
         self._notifier.notify_users({u for _, u, _ in rows})
