@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import aiohttp
 from benchlib import free_port
+from loadgen import process_cpu_seconds
 
 APP = '''
 BODY = b'{"next_batch":"s1_2_3_4_5_6_7","rooms":{},"to_device":{"events":[]}}'
@@ -35,11 +35,6 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": BODY})
 '''
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(url: str, connections: int, duration: float, pid: int) -> tuple[int, float, float]:
@@ -54,9 +49,9 @@ async def drive(url: str, connections: int, duration: float, pid: int) -> tuple[
 
         await asyncio.gather(*(one(time.monotonic() + 1.0) for _ in range(connections)))  # warm-up
         count = 0
-        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        cpu0, t0 = process_cpu_seconds(pid), time.monotonic()
         await asyncio.gather(*(one(t0 + duration) for _ in range(connections)))
-        return count, time.monotonic() - t0, cpu_seconds(pid) - cpu0
+        return count, time.monotonic() - t0, process_cpu_seconds(pid) - cpu0
 
 
 def main() -> None:
