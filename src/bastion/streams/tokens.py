@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from bastion.core.ids import parse_digits
 from bastion.errors import InvalidParam
 
 _MAX = 2**62
+_MAX_DIGITS = len(str(_MAX))
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +45,8 @@ class StreamToken:
         if not text.startswith("s") or len(text) > 200:
             raise InvalidParam(f"'{what}' is not a valid sync token")
         parts = text[1:].split("_")
-        # isascii: str.isdigit() also accepts digits int() refuses ("²").
-        if len(parts) > len(_NAMES) or not all(p.isascii() and p.isdigit() for p in parts):
-            raise InvalidParam(f"'{what}' is not a valid sync token")
-        values = [int(p) for p in parts]
-        if max(values) > _MAX:
+        values = [parse_digits(p, _MAX_DIGITS) for p in parts] if len(parts) <= len(_NAMES) else [None]
+        if any(v is None or v > _MAX for v in values):
             raise InvalidParam(f"'{what}' is not a valid sync token")
         return cls(*values)
 
@@ -82,8 +81,9 @@ def encode_pagination(position: int) -> str:
 
 def decode_pagination(text: str, what: str = "from") -> int:
     """A position in the event stream from a ``t<n>`` token or a sync token."""
-    if text.startswith("t") and text[1:].isascii() and text[1:].isdigit() and len(text) < 25:
-        return int(text[1:])
+    position = parse_digits(text[1:], max_digits=23) if text.startswith("t") else None
+    if position is not None:
+        return position
     if text.startswith("s"):
         return StreamToken.decode(text, what).events
     raise InvalidParam(f"'{what}' is not a valid pagination token")
