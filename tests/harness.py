@@ -8,6 +8,7 @@ algorithm and code path are the production ones.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -430,3 +431,22 @@ class MatrixHttp:
 
     def close(self) -> None:
         self._http.close()
+
+
+def hold_reads(db: Any) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the next ``db.read`` run its query at once but return only when ``release``
+    is set. Returns (``read_done``: the query has run, ``release``). Later reads pass
+    straight through."""
+    read_done, release = asyncio.Event(), asyncio.Event()
+    real_read = db.read
+
+    async def held_read(fn: Any, *args: Any) -> Any:
+        result = await real_read(fn, *args)
+        if read_done.is_set():
+            return result
+        read_done.set()
+        await release.wait()
+        return result
+
+    db.read = held_read  # type: ignore[method-assign]
+    return read_done, release

@@ -1,46 +1,43 @@
 """A write another worker made, applied here while this worker is reading the same
-user's (or device's) data, must not be hidden by the "newest stream ID" cache the read
-fills in when it returns. (Seen as account data that never came back through /sync on
-three workers: the next sync trusted the cache and skipped the query.)"""
+user's (device's, room's) data, must not be hidden by what the read caches when it
+returns. (Seen as account data that never came back through /sync on three workers:
+the next sync trusted the "newest stream ID" cache and skipped the query.)
+
+Each test holds the first database read after it has run, applies another worker's
+row meanwhile, then checks that the next read sees the row. They run on the database
+``BASTION_TEST_DATABASE`` names (SQLite by default, PostgreSQL in CI)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from bastion.services.account_data import AccountDataService
+from bastion.services.caches import EventCache, RoomCache
 from bastion.services.e2ee import KeysService
+from bastion.services.receipts import ReceiptsService
 from bastion.storage import e2e as e2e_store
+from bastion.storage import receipts as receipts_store
 from bastion.storage import rooms as rooms_store
-from bastion.storage.database import Database, open_database
+from bastion.storage.database import open_database
 from bastion.storage.migrate import migrate
+from bastion.storage.receipts import ReceiptRow
 from bastion.streams.notifier import Notifier
 from bastion.streams.tokens import StreamToken
+from tests.harness import TestDatabase, hold_reads
 
 ALICE = "@alice:hs"
+BOB = "@bob:hs"
 
 
-def hold_reads(db: Database) -> tuple[asyncio.Event, asyncio.Event]:
-    """Make ``db.read`` run its query at once but return only when ``release`` is set.
-    Returns (``read_done``: the query has run, ``release``). Once released, reads pass
-    straight through."""
-    read_done, release = asyncio.Event(), asyncio.Event()
-    real_read = db.read
-
-    async def held_read(fn: Any, *args: Any) -> Any:
-        result = await real_read(fn, *args)
-        read_done.set()
-        await release.wait()
-        return result
-
-    db.read = held_read  # type: ignore[method-assign]
-    return read_done, release
-
-
-def test_a_remote_account_data_change_during_a_read_is_not_lost(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+def _migrated(test_database: TestDatabase, tmp_path: Path) -> str:
+    url = test_database.new_url(tmp_path)
     migrate(url)
+    return url
+
+
+def test_a_remote_account_data_change_during_a_read_is_not_lost(test_database: TestDatabase, tmp_path: Path) -> None:
+    url = _migrated(test_database, tmp_path)
 
     async def scenario() -> None:
         db = open_database(url)
@@ -65,9 +62,8 @@ def test_a_remote_account_data_change_during_a_read_is_not_lost(tmp_path: Path) 
     asyncio.run(scenario())
 
 
-def test_a_remote_to_device_message_during_a_read_is_not_lost(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    migrate(url)
+def test_a_remote_to_device_message_during_a_read_is_not_lost(test_database: TestDatabase, tmp_path: Path) -> None:
+    url = _migrated(test_database, tmp_path)
 
     async def scenario() -> None:
         db = open_database(url)
@@ -84,6 +80,65 @@ def test_a_remote_to_device_message_during_a_read_is_not_lost(tmp_path: Path) ->
             assert (await first)[0] == []
             events, _ = await keys.to_device_for(ALICE, "DEV", None, 1)
             assert len(events) == 1
+        finally:
+            await db.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_remote_receipt_during_a_load_of_the_rooms_receipts_is_not_lost(
+    test_database: TestDatabase, tmp_path: Path
+) -> None:
+    url = _migrated(test_database, tmp_path)
+    room = "!r:hs"
+
+    def receipt(user: str, stream_id: int) -> ReceiptRow:
+        return ReceiptRow(room, user, "m.read", "", f"$e{stream_id}", 10 + stream_id, 1000 + stream_id, stream_id)
+
+    async def scenario() -> None:
+        db = open_database(url)
+        try:
+            await db.write(receipts_store.upsert_receipt, receipt(ALICE, 1))
+            events = EventCache(db)
+            notifier = Notifier(StreamToken(receipts=1))
+            receipts = ReceiptsService(db, RoomCache(db, events), events, notifier, None, None)  # type: ignore[arg-type]
+            # The first load of the room's receipts on this worker has run but not returned...
+            read_done, release = hold_reads(db)
+            first = asyncio.create_task(receipts.receipts_event(room, BOB, None, 1))
+            await read_done.wait()
+            # ...when another worker's receipt in the room (position 2) is applied here.
+            await db.write(receipts_store.upsert_receipt, receipt(BOB, 2))
+            await receipts.apply_remote([receipt(BOB, 2)], 2)
+            release.set()
+            assert (await first) == {"type": "m.receipt", "content": {"$e1": {"m.read": {ALICE: {"ts": 1001}}}}}
+            # The next sync, from position 1, must see position 2.
+            later = await receipts.receipts_event(room, BOB, 1, 2)
+            assert later == {"type": "m.receipt", "content": {"$e2": {"m.read": {BOB: {"ts": 1002}}}}}
+            assert await receipts.read_position(room, BOB) == 12
+        finally:
+            await db.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_remote_ignore_list_change_during_a_read_is_not_hidden(test_database: TestDatabase, tmp_path: Path) -> None:
+    url = _migrated(test_database, tmp_path)
+
+    async def scenario() -> None:
+        db = open_database(url)
+        try:
+            service = AccountDataService(db, Notifier(StreamToken()), replicator=None)  # type: ignore[arg-type]
+            # Alice's ignore list is being read for the first time on this worker...
+            read_done, release = hold_reads(db)
+            first = asyncio.create_task(service.ignored_users(ALICE))
+            await read_done.wait()
+            # ...when another worker stores her new list (she ignores Bob).
+            content = b'{"ignored_users":{"%s":{}}}' % BOB.encode()
+            await db.write(rooms_store.put_account_data, ALICE, "", "m.ignored_user_list", 1, content)
+            await service.apply_remote([(ALICE, "", "m.ignored_user_list", 1)], 1)
+            release.set()
+            assert await first == frozenset()
+            assert await service.ignored_users(ALICE) == frozenset({BOB})
         finally:
             await db.close()
 

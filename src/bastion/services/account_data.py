@@ -35,6 +35,7 @@ class AccountDataService:
         # user -> newest account-data stream ID they have (unknown users: ask the DB)
         self._latest_for_user: dict[str, int] = {}
         self._ignored: dict[str, frozenset[str]] = {}
+        self._ignored_changes = 0  # bumped on every change: a read that raced one is not cached
 
     async def put(self, user_id: str, room_id: str, data_type: str, content: dict[str, object]) -> None:
         encoded = orjson.dumps(content)
@@ -50,6 +51,7 @@ class AccountDataService:
             if self._latest_for_user.get(user_id, 0) < stream_id:
                 self._latest_for_user[user_id] = stream_id
             if data_type == "m.ignored_user_list" and not room_id:
+                self._ignored_changes += 1
                 self._ignored[user_id] = _parse_ignored(content)
             self._replicator.after_local_apply("account_data", stream_id)
             self._notifier.advance(replace(self._notifier.current, account_data=self._replicator.applied["account_data"]))
@@ -71,6 +73,7 @@ class AccountDataService:
             if self._latest_for_user.get(user_id, 0) < stream_id:
                 self._latest_for_user[user_id] = stream_id
             if data_type == "m.ignored_user_list" and not room_id:
+                self._ignored_changes += 1
                 self._ignored.pop(user_id, None)
             for hook in self.remote_change_hooks:
                 hook(user_id, room_id, data_type)
@@ -82,12 +85,7 @@ class AccountDataService:
         cached = self._ignored.get(user_id)
         if cached is not None:
             return cached
-        raw = await self.get(user_id, "", "m.ignored_user_list")
-        ignored = _parse_ignored(orjson.loads(raw)) if raw is not None else frozenset()
-        self._ignored[user_id] = ignored
-        if len(self._ignored) > 100_000:
-            self._ignored.pop(next(iter(self._ignored)))
-        return ignored
+        return (await self.ignored_users_many([user_id]))[user_id]
 
     async def ignored_users_many(self, user_ids: Iterable[str]) -> dict[str, frozenset[str]]:
         """:meth:`ignored_users` for many users, reading the uncached ones in one transaction."""
@@ -104,11 +102,13 @@ class AccountDataService:
             def load(txn: Txn) -> dict[str, bytes | None]:
                 return {u: rooms_store.get_account_data(txn, u, "", "m.ignored_user_list") for u in missing}
 
+            changes = self._ignored_changes
             for user_id, raw in (await self._db.read(load)).items():
-                ignored = self._ignored.get(user_id)  # written meanwhile: that is newer
+                ignored = self._ignored.get(user_id)  # written here meanwhile: that is newer
                 if ignored is None:
                     ignored = _parse_ignored(orjson.loads(raw)) if raw is not None else frozenset()
-                    self._ignored[user_id] = ignored
+                    if changes == self._ignored_changes:  # else it may predate a change
+                        self._ignored[user_id] = ignored
                 out[user_id] = ignored
             while len(self._ignored) > 100_000:
                 self._ignored.pop(next(iter(self._ignored)))

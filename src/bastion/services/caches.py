@@ -39,6 +39,9 @@ class EventCache:
         self._db = db
         self._max = max_size
         self._events: OrderedDict[str, Event] = OrderedDict()
+        # Bumped after every committed redaction (and prev_content rewrite it causes):
+        # a load that read the database before it does not hand out what it read.
+        self.redactions = 0
 
     def get_cached(self, event_id: str) -> Event | None:
         event = self._events.get(event_id)
@@ -75,7 +78,11 @@ class EventCache:
             else:
                 missing.append(eid)
         if missing:
-            loaded = await self._db.read(events_store.get_events, missing, strict)
+            while True:
+                redactions = self.redactions
+                loaded = await self._db.read(events_store.get_events, missing, strict)
+                if redactions == self.redactions:
+                    break
             for eid, event in loaded.items():
                 found[eid] = self.put(event)
         return found
@@ -264,6 +271,8 @@ class RoomCache:
         self._max = max_rooms
         self._rooms: OrderedDict[str, RoomSnapshot] = OrderedDict()
         self._loading: dict[str, asyncio.Future[RoomSnapshot | None]] = {}
+        # room being loaded -> other workers' events for it applied meanwhile
+        self._arrived: dict[str, list[Event]] = {}
 
     def cached(self, room_id: str) -> RoomSnapshot | None:
         return self._rooms.get(room_id)
@@ -274,6 +283,14 @@ class RoomCache:
 
     def discard(self, room_id: str) -> None:
         self._rooms.pop(room_id, None)
+
+    def note_remote(self, event: Event) -> None:
+        """Another worker's event, for a room not in memory. If the room is being loaded,
+        the load may have read the database before the event was committed: it applies
+        the event when it installs the room (unless its snapshot already has it)."""
+        arrived = self._arrived.get(event.room_id)
+        if arrived is not None:
+            arrived.append(event)
 
     def _evict(self) -> None:
         while len(self._rooms) > self._max:
@@ -311,8 +328,15 @@ class RoomCache:
         async def load(batch: list[str]) -> None:
             futures = {room_id: loop.create_future() for room_id in batch}
             self._loading.update(futures)
+            for room_id in batch:
+                self._arrived[room_id] = []
             try:
-                loaded = await self._db.read(_load_rooms_txn, batch)
+                while True:
+                    redactions = self._events.redactions
+                    loaded = await self._db.read(_load_rooms_txn, batch)
+                    if redactions == self._events.redactions:
+                        break
+                    # An event was redacted meanwhile: the copy read may predate it.
                 for room_id, fut in futures.items():
                     snap = self._snapshot(room_id, loaded[room_id])
                     fut.set_result(snap)
@@ -327,6 +351,7 @@ class RoomCache:
             finally:
                 for room_id in batch:
                     del self._loading[room_id]
+                    del self._arrived[room_id]
 
         for start in range(0, len(to_load), LOAD_BATCH):
             await load(to_load[start : start + LOAD_BATCH])
@@ -359,6 +384,9 @@ class RoomCache:
             [(pos, normalise_visibility(v)) for pos, v in visibility],
             last_by,
         )
+        for event in self._arrived.get(room_id, ()):
+            if event.stream_ordering > snap.last_stream:
+                snap.apply(event)
         self.add(snap)
         return snap
 

@@ -193,6 +193,8 @@ class EventPersister:
                     event.state_key, event.room_id, event.membership or "leave", event.stream_ordering, event.event_id
                 )
                 woken.add(event.state_key)
+        if unit._redaction_results:
+            self._events.redactions += 1
         for target, pruned, replacing, redaction in unit._redaction_results:
             live = self._events.get_cached(target.event_id) or target
             live.apply_redaction(pruned, redaction)
@@ -222,7 +224,9 @@ class EventPersister:
         for event in events:
             event = self._events.put(event)
             room = self._rooms.cached(event.room_id)
-            if room is not None and not getattr(room, "stale", False):
+            if room is None:
+                self._rooms.note_remote(event)  # a load of the room may be in flight
+            elif not room.stale and event.stream_ordering > room.last_stream:  # else: loaded with it
                 try:
                     room.apply(event)
                 except Exception:
@@ -236,6 +240,7 @@ class EventPersister:
                 )
                 woken.add(event.state_key)
             if event.redacts is not None:
+                self._events.redactions += 1
                 target = self._events.get_cached(event.redacts)
                 if target is not None and target.redacted_because is None:
                     pruned = redact_pdu(target.pdu, target.room_version)

@@ -54,6 +54,10 @@ class ReceiptsService:
         # room -> {(user, type, thread): row}; rooms loaded on demand
         self._cache: OrderedDict[str, dict[tuple[str, str, str], ReceiptRow]] = OrderedDict()
         self._room_stream: dict[str, int] = {}
+        # room being loaded -> other workers' receipts for it applied meanwhile (the load
+        # may have read before they were committed); merged when the load installs
+        self._arrived: dict[str, list[ReceiptRow]] = {}
+        self._loads: dict[str, int] = {}  # room -> loads in flight
         # room -> user -> keys of their receipts in threads (for per-thread unread counts)
         self._thread_keys: dict[str, dict[str, set[tuple[str, str, str]]]] = {}
 
@@ -62,21 +66,37 @@ class ReceiptsService:
         if cached is not None:
             self._cache.move_to_end(room_id)
             return cached
-        rows = await self._db.read(receipts_store.room_receipts, room_id)
-        return self._install(room_id, rows)
+        return (await self._load([room_id]))[room_id]
 
     async def preload(self, room_ids: Iterable[str]) -> None:
         """Load the receipts of the rooms not in memory in one database transaction."""
         missing = [r for r in room_ids if r not in self._cache]
         if missing:
-            loaded = await self._db.read(receipts_store.rooms_receipts, missing)
-            for room_id, rows in loaded.items():
-                self._install(room_id, rows)
+            await self._load(missing)
+
+    async def _load(self, room_ids: list[str]) -> dict[str, dict[tuple[str, str, str], ReceiptRow]]:
+        for room_id in room_ids:
+            self._loads[room_id] = self._loads.get(room_id, 0) + 1
+            self._arrived.setdefault(room_id, [])
+        try:
+            loaded = await self._db.read(receipts_store.rooms_receipts, room_ids)
+            return {room_id: self._install(room_id, rows + self._arrived[room_id]) for room_id, rows in loaded.items()}
+        finally:
+            for room_id in room_ids:
+                self._loads[room_id] -= 1
+                if not self._loads[room_id]:
+                    del self._loads[room_id]
+                    del self._arrived[room_id]
 
     def _install(self, room_id: str, rows: list[ReceiptRow]) -> dict[tuple[str, str, str], ReceiptRow]:
         cached = self._cache.get(room_id)  # loaded meanwhile
         if cached is None:
-            cached = {(r.user_id, r.receipt_type, r.thread_id): r for r in rows}
+            cached = {}
+            for row in rows:  # database rows, then any applied while they were read
+                key = (row.user_id, row.receipt_type, row.thread_id)
+                current = cached.get(key)
+                if current is None or current.event_stream < row.event_stream:
+                    cached[key] = row
             self._cache[room_id] = cached
             self._thread_keys.pop(room_id, None)
             for key in cached:
@@ -179,7 +199,9 @@ class ReceiptsService:
     async def apply_remote(self, rows: list[ReceiptRow], upto: int) -> None:
         for row in rows:
             cached = self._cache.get(row.room_id)
-            if cached is not None:
+            if cached is None and row.room_id in self._arrived:
+                self._arrived[row.room_id].append(row)
+            elif cached is not None:
                 key = (row.user_id, row.receipt_type, row.thread_id)
                 current = cached.get(key)
                 if current is None or current.event_stream < row.event_stream:

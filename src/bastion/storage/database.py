@@ -109,6 +109,8 @@ class Database:
     crypto: Any = None
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(txn, ...)`` in a read-only transaction that sees one snapshot of the
+        database throughout (several statements agree with each other)."""
         raise NotImplementedError
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -184,7 +186,8 @@ class SqliteDatabase(Database):
             if conn is not None:
                 conn.close()
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self, write: bool = True) -> sqlite3.Connection:
+        """This thread's connection; a reader thread's refuses writes (``query_only``)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -198,13 +201,15 @@ class SqliteDatabase(Database):
             # file is cut back to 64 MiB when it is reset after a complete checkpoint.
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
+            if not write:
+                conn.execute("PRAGMA query_only=ON")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
         return conn
 
     def _run(self, write: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        conn = self._connection()
+        conn = self._connection(write)  # each thread does one of the two
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         txn = Txn(cur, "sqlite", self.crypto)
@@ -284,7 +289,7 @@ class PostgresDatabase(Database):
     def open(self, timeout: float = 30.0) -> None:
         self._pool.open(wait=True, timeout=timeout)
 
-    def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _run(self, write: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         psycopg = self._psycopg
         attempts = 0
         while True:
@@ -292,6 +297,13 @@ class PostgresDatabase(Database):
             before_commit = True
             try:
                 with self._pool.connection() as conn:
+                    # A read sees one snapshot from its first statement to its last, as
+                    # on SQLite (READ COMMITTED would give each statement its own, so a
+                    # room loaded while another worker commits to it could mix states).
+                    # Read-only REPEATABLE READ never fails with a serialisation error.
+                    # Both are part of psycopg's BEGIN: no extra round trip.
+                    conn.isolation_level = None if write else psycopg.IsolationLevel.REPEATABLE_READ
+                    conn.read_only = None if write else True
                     txn: Txn | None = None
                     with conn.transaction(), conn.cursor() as cur:
                         txn = Txn(cur, "postgres", self.crypto)
@@ -320,12 +332,14 @@ class PostgresDatabase(Database):
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(self._run, fn, *args, **kwargs))
+        return await loop.run_in_executor(self._executor, functools.partial(self._run, False, fn, *args, **kwargs))
 
-    write = read
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(self._run, True, fn, *args, **kwargs))
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        return self._run(fn, *args)
+        return self._run(True, fn, *args)
 
     async def fetch_one_statement(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         if self._quick_lock is None:
