@@ -309,14 +309,16 @@ class Route:
     handler: Handler
     auth: bool
     admin_only_network: bool
-    template: str = ""
+    template: str
+    pattern: str  # ``regex`` without its anchors (for the combined matcher)
 
 
 _PARAM_RE = re.compile(r"\{([A-Za-z_]+)(?::([^}]+))?(\?)?\}")
 
 
-def compile_path(template: str) -> tuple[re.Pattern[str], list[str]]:
-    """``/rooms/{roomId}/state/{eventType}/{stateKey?}`` -> regex over the raw path.
+def path_pattern(template: str) -> tuple[str, list[str]]:
+    """``/rooms/{roomId}/state/{eventType}/{stateKey?}`` -> (regular expression over the
+    raw path, without anchors; parameter names in order).
 
     ``{name:v3}`` pins a version segment (also accepting the legacy ``r0``);
     ``{name?}`` marks an optional trailing segment (an empty state key).
@@ -340,11 +342,7 @@ def compile_path(template: str) -> tuple[re.Pattern[str], list[str]]:
             names.append(name)
         pos = match.end()
     pattern += re.escape(template[pos:])
-    return re.compile("^" + pattern + "$"), names
-
-
-def _unanchored(regex: re.Pattern[str]) -> str:
-    return regex.pattern[1:-1]
+    return pattern, names
 
 
 class RouteTable:
@@ -361,8 +359,9 @@ class RouteTable:
         self._by_method: dict[str, tuple[re.Pattern[str], dict[int, Route]]] | None = None
 
     def add(self, method: str, template: str, handler: Handler, *, auth: bool = True, admin_network: bool = False) -> None:
-        regex, names = compile_path(template)
-        self.routes.append(Route(method, regex, names, handler, auth, admin_network, template))
+        pattern, names = path_pattern(template)
+        regex = re.compile("^" + pattern + "$")
+        self.routes.append(Route(method, regex, names, handler, auth, admin_network, template, pattern))
         self._by_method = None
 
     def _compiled(self) -> dict[str, tuple[re.Pattern[str], dict[int, Route]]]:
@@ -375,7 +374,7 @@ class RouteTable:
                 for route in self.routes:
                     if route.method != method:
                         continue
-                    parts.append(f"({_unanchored(route.regex)})")
+                    parts.append(f"({route.pattern})")
                     outer[group] = route
                     group += 1 + len(route.names)
                 by_method[method] = (re.compile("|".join(parts)), outer)
