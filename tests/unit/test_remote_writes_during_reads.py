@@ -143,3 +143,16 @@ def test_a_remote_ignore_list_change_during_a_read_is_not_hidden(test_database: 
             await db.close()
 
     asyncio.run(scenario())
+
+
+def test_a_load_reads_again_only_if_a_redaction_meanwhile_changed_what_it_read() -> None:
+    events = EventCache(None)  # type: ignore[arg-type]
+    seen = events.redactions
+    assert not events.redacted_since(seen, ["$a", "$b"])
+    events.note_redaction(["$x", "$state_that_copied_x"])
+    assert not events.redacted_since(seen, ["$a", "$b"])  # unrelated: keep what was read
+    assert events.redacted_since(seen, ["$a", "$state_that_copied_x"])
+    assert not events.redacted_since(events.redactions, ["$x"])  # noted before the read began
+    for n in range(1000):  # more redactions than the log keeps: assume the worst
+        events.note_redaction([f"$other{n}"])
+    assert events.redacted_since(seen, ["$a"])

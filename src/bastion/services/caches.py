@@ -39,9 +39,11 @@ class EventCache:
         self._db = db
         self._max = max_size
         self._events: OrderedDict[str, Event] = OrderedDict()
-        # Bumped after every committed redaction (and prev_content rewrite it causes):
-        # a load that read the database before it does not hand out what it read.
+        # Redactions applied so far, and the events each changed (its target and the
+        # events whose prev_content copied the target): a load that read one of them
+        # before the redaction was committed must read it again, not cache it.
         self.redactions = 0
+        self._redacted: deque[tuple[int, frozenset[str]]] = deque(maxlen=1000)
 
     def get_cached(self, event_id: str) -> Event | None:
         event = self._events.get(event_id)
@@ -59,6 +61,25 @@ class EventCache:
         if len(self._events) > self._max:
             self._events.popitem(last=False)
         return event
+
+    def note_redaction(self, changed: Iterable[str]) -> None:
+        """A committed redaction changed these events (target, prev_content copies)."""
+        self.redactions += 1
+        self._redacted.append((self.redactions, frozenset(changed)))
+
+    def redacted_since(self, seen: int, event_ids: Iterable[str]) -> bool:
+        """Whether a redaction noted after number ``seen`` changed one of ``event_ids``."""
+        if seen == self.redactions:
+            return False
+        if not self._redacted or self._redacted[0][0] > seen + 1:
+            return True  # the log no longer reaches back that far: assume so
+        wanted = set(event_ids)
+        for number, changed in reversed(self._redacted):
+            if number <= seen:
+                break
+            if not changed.isdisjoint(wanted):
+                return True
+        return False
 
     def drop_room(self, room_id: str) -> None:
         for event_id in [e.event_id for e in self._events.values() if e.room_id == room_id]:
@@ -79,9 +100,9 @@ class EventCache:
                 missing.append(eid)
         if missing:
             while True:
-                redactions = self.redactions
+                seen = self.redactions
                 loaded = await self._db.read(events_store.get_events, missing, strict)
-                if redactions == self.redactions:
+                if not self.redacted_since(seen, loaded):
                     break
             for eid, event in loaded.items():
                 found[eid] = self.put(event)
@@ -257,6 +278,15 @@ def _load_room_txn(txn: Txn, room_id: str) -> tuple[Any, ...] | None:
     return room, state_ids, state_events, latest, recent, visibility, last_by
 
 
+def _loaded_event_ids(loaded: dict[str, tuple[Any, ...] | None]) -> Iterable[str]:
+    for room in loaded.values():
+        if room is not None:
+            _, _, state_events, _, recent, _, _ = room
+            yield from state_events
+            for event in recent:
+                yield event.event_id
+
+
 def _load_rooms_txn(txn: Txn, room_ids: list[str]) -> dict[str, tuple[Any, ...] | None]:
     """Several rooms in one transaction (one trip to the database thread, not one per room)."""
     return {room_id: _load_room_txn(txn, room_id) for room_id in room_ids}
@@ -332,11 +362,11 @@ class RoomCache:
                 self._arrived[room_id] = []
             try:
                 while True:
-                    redactions = self._events.redactions
+                    seen = self._events.redactions
                     loaded = await self._db.read(_load_rooms_txn, batch)
-                    if redactions == self._events.redactions:
+                    if not self._events.redacted_since(seen, _loaded_event_ids(loaded)):
                         break
-                    # An event was redacted meanwhile: the copy read may predate it.
+                    # An event read was redacted meanwhile: the copy read may predate it.
                 for room_id, fut in futures.items():
                     snap = self._snapshot(room_id, loaded[room_id])
                     fut.set_result(snap)

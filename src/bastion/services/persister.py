@@ -193,8 +193,8 @@ class EventPersister:
                     event.state_key, event.room_id, event.membership or "leave", event.stream_ordering, event.event_id
                 )
                 woken.add(event.state_key)
-        if unit._redaction_results:
-            self._events.redactions += 1
+        for target, _, replacing, _ in unit._redaction_results:
+            self._events.note_redaction([target.event_id, *replacing])
         for target, pruned, replacing, redaction in unit._redaction_results:
             live = self._events.get_cached(target.event_id) or target
             live.apply_redaction(pruned, redaction)
@@ -240,7 +240,7 @@ class EventPersister:
                 )
                 woken.add(event.state_key)
             if event.redacts is not None:
-                self._events.redactions += 1
+                self._events.note_redaction([event.redacts, *replacing.get(event.redacts, [])])
                 target = self._events.get_cached(event.redacts)
                 if target is not None and target.redacted_because is None:
                     pruned = redact_pdu(target.pdu, target.room_version)
