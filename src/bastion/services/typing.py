@@ -176,3 +176,5 @@ class TypingService:
             for handle in users.values():
                 handle.cancel()
         self._typing.clear()
+        for task in list(self._background):  # bus publishes, room loads for wake-ups
+            task.cancel()
