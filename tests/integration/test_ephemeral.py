@@ -97,6 +97,46 @@ def test_own_message_reads_the_main_timeline_not_the_threads(room_pair) -> None:
     assert main == 1 and threads == {root: {"notification_count": 3, "highlight_count": 0}}
 
 
+def test_own_post_in_a_thread_reads_that_thread_also_after_a_restart(make_server) -> None:
+    """Spec (receiving notifications): sending an event updates the sender's read
+    receipt. bob never sends a receipt; his reply in one thread marks that thread read
+    up to it — not the other thread, not the main timeline. After a restart, with his
+    reply pushed out of the server's memory of the room, the counts must not change."""
+    srv = make_server()
+    alice, bob = srv.client().register(), srv.client().register()
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    threaded = '{"room": {"timeline": {"unread_thread_notifications": true}}}'
+
+    def counts(since: str | None = None) -> tuple[int, dict, str]:
+        sync = bob.sync(since=since, filter=threaded)
+        data = sync["rooms"]["join"][room]
+        return data["unread_notifications"]["notification_count"], data["unread_thread_notifications"], sync["next_batch"]
+
+    def reply(sender: MatrixHttp, root: str, body: str) -> str:
+        return sender.send(room, {"msgtype": "m.text", "body": body, "m.relates_to": {"rel_type": "m.thread", "event_id": root}})
+
+    first, second = alice.send(room, "first thread"), alice.send(room, "second thread")
+    reply(alice, first, "a1")
+    reply(alice, second, "b1")
+    main, threads, since = counts()
+    assert main == 2 and threads == {first: {"notification_count": 1, "highlight_count": 0},
+                                     second: {"notification_count": 1, "highlight_count": 0}}
+    reply(bob, first, "bob read the first thread")
+    main, threads, since = counts(since)
+    assert main == 2 and threads == {second: {"notification_count": 1, "highlight_count": 0}}
+    reply(alice, first, "a2")
+    main, threads, since = counts(since)
+    assert main == 2 and threads == {first: {"notification_count": 1, "highlight_count": 0},
+                                     second: {"notification_count": 1, "highlight_count": 0}}
+    for i in range(60):  # more than the server keeps of a room in memory
+        alice.send(room, f"main {i}")
+    expected = {first: {"notification_count": 1, "highlight_count": 0}, second: {"notification_count": 1, "highlight_count": 0}}
+    assert counts()[:2] == (62, expected)
+    srv.restart()
+    assert counts()[:2] == (62, expected)
+
+
 def test_read_markers_set_fully_read_and_receipt(room_pair) -> None:
     alice, bob, room = room_pair
     event_id = alice.send(room, "marker")

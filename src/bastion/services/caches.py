@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.core.events import Event, StateKey
+from bastion.core.events import Event, StateKey, thread_root
 from bastion.core.room_versions import KNOWN_ROOM_VERSIONS, RoomVersion
 from bastion.core.visibility import normalise_visibility
 from bastion.storage import events as events_store
@@ -140,9 +140,18 @@ class RoomSnapshot:
         self.lock = asyncio.Lock()
         # Set when this view was retired after an error; holders must reload the room.
         self.stale = False
-        # Newest stream position of each sender's events: a user's own message marks
-        # the room read up to it (until read receipts say more).
+        # Newest stream position of each sender's events outside threads: a user's own
+        # message marks the main timeline read up to it (until read receipts say more).
         self.last_event_by: dict[str, int] = dict(last_event_by or {})
+        # sender -> {thread root: their newest post in that thread}, for the events in
+        # memory (the recent window at load, then every event applied): a post in a
+        # thread marks that thread read up to it. If a sender's newest post in a thread
+        # is in memory, it is here; older ones are looked up when a count needs them.
+        self.thread_posts: dict[str, dict[str, int]] = {}
+        for event in self.recent:
+            root = thread_root(event)
+            if root is not None:
+                self.thread_posts.setdefault(event.sender, {})[root] = event.stream_ordering
         self.joined: set[str] = set()
         self.invited: set[str] = set()
         # (stream, user, membership) of every member event, oldest first; built when a
@@ -171,7 +180,11 @@ class RoomSnapshot:
         self.latest_event_id = event.event_id
         self.depth = max(self.depth, event.depth)
         self.last_stream = event.stream_ordering
-        self.last_event_by[event.sender] = event.stream_ordering
+        root = thread_root(event)
+        if root is None:
+            self.last_event_by[event.sender] = event.stream_ordering
+        else:
+            self.thread_posts.setdefault(event.sender, {})[root] = event.stream_ordering
         if len(self.recent) == self.recent.maxlen:
             self.recent_floor = self.recent[0].stream_ordering
         self.recent.append(event)

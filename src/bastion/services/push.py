@@ -48,6 +48,7 @@ from bastion.services.account_data import AccountDataService
 from bastion.services.caches import MembershipIndex, RoomCache, RoomSnapshot
 from bastion.services.receipts import ReceiptsService
 from bastion.services.requester import Requester
+from bastion.storage import events as events_store
 from bastion.storage import push as push_store
 from bastion.storage import push_actions as push_actions_store
 from bastion.storage.database import Database, Txn
@@ -85,6 +86,9 @@ class _Unread:
     signature: tuple[Any, ...]
     counted_upto: int
     counts: UnreadCounts
+    # thread root -> the user's newest post in it, read from the database (0: none)
+    # because the room's memory did not hold it; valid for as long as the entry
+    own_posts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +431,12 @@ class PushRulesService:
             main_entry = current[0] if current is not None else None
             if main_entry is None or main_entry.signature != (main_read,) or main_entry.counted_upto > upto:
                 main_entry = _Unread((main_read,), counted_upto=main_read, counts=UnreadCounts())
+            # The user's own posts in threads read those threads (spec: sending an event
+            # updates the sender's read receipt), like receipts in them.
+            posts = room.thread_posts.get(user_id, {})
+            for root, position in posts.items():
+                if position > threads.get(root, 0):
+                    threads[root] = position
             thread_sig = (unthreaded, tuple(sorted(threads.items())))
             thread_entry = current[1] if current is not None else None
             if thread_entry is None or thread_entry.signature != thread_sig or thread_entry.counted_upto > upto:
@@ -444,15 +454,21 @@ class PushRulesService:
                     rows[room.room_id] = found
         if from_db:
             rows.update(await self._db.read(push_actions_store.unread_rows_many, user_id, from_db, upto))
+        await self._look_up_thread_posts(user_id, plans, rows)
         out: dict[str, UnreadCounts] = {}
         for room, main_entry, thread_entry, threads in plans:
             main_counts, thread_counts = main_entry.counts, thread_entry.counts
+            own_posts = thread_entry.own_posts
             for stream, highlight, thread in rows.get(room.room_id, ()):
                 if thread is None:
                     if stream > main_entry.counted_upto:  # counted_upto >= main_read
                         main_counts.notifications += 1
                         main_counts.highlights += highlight
-                elif stream > thread_entry.counted_upto and stream > threads.get(thread, 0):
+                elif (
+                    stream > thread_entry.counted_upto
+                    and stream > threads.get(thread, 0)
+                    and stream > own_posts.get(thread, 0)
+                ):
                     per = thread_counts.threads.setdefault(thread, [0, 0])
                     per[0] += 1
                     per[1] += highlight
@@ -465,6 +481,32 @@ class PushRulesService:
         while len(self._unread) > MAX_UNREAD_ENTRIES:
             self._unread.popitem(last=False)
         return out
+
+    async def _look_up_thread_posts(
+        self,
+        user_id: str,
+        plans: list[tuple[RoomSnapshot, _Unread, _Unread, dict[str, int]]],
+        rows: dict[str, list[tuple[int, bool, str | None]]],
+    ) -> None:
+        """Find the user's posts in the threads about to be counted whose newest post
+        the room's memory does not hold (one transaction for all; remembered in the
+        count's entry). Threads nobody notified the user in cost nothing."""
+        wanted: dict[tuple[str, str], _Unread] = {}
+        for room, _, thread_entry, threads in plans:
+            posts = room.thread_posts.get(user_id, {})
+            for stream, _, thread in rows.get(room.room_id, ()):
+                if (
+                    thread is not None
+                    and stream > thread_entry.counted_upto
+                    and stream > threads.get(thread, 0)
+                    and thread not in posts
+                    and thread not in thread_entry.own_posts
+                ):
+                    wanted[(room.room_id, thread)] = thread_entry
+        if wanted:
+            found = await self._db.read(events_store.last_thread_posts, user_id, list(wanted))
+            for key, entry in wanted.items():
+                entry.own_posts[key[1]] = found.get(key, 0)
 
     def _rows_in_memory(self, room: RoomSnapshot, user_id: str, after: int, upto: int) -> list[tuple[int, bool, str | None]] | None:
         """(stream, highlight, thread root) of the user's notifications in (after, upto],

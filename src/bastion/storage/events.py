@@ -171,16 +171,37 @@ def latest_room_event(txn: Txn, room_id: str) -> tuple[str, int, int] | None:
 
 
 def last_event_by_sender(txn: Txn, room_id: str) -> dict[str, int]:
-    """Each member's newest event in the room. Everyone who ever sent an event into the
-    room has a member event (the auth rules let only members send), so one lookup per
-    member on ``events_room_sender`` finds them all without reading the room's history."""
+    """Each member's newest event in the room outside threads. Everyone who ever sent an
+    event into the room has a member event (the auth rules let only members send), so
+    one lookup per member on ``events_room_sender`` — walked from the newest, stopping
+    at the first event not in a thread — finds them all without reading the room's
+    history."""
     rows = txn.fetchall(
-        "SELECT m.state_key, (SELECT MAX(e.stream_ordering) FROM events e"
-        " WHERE e.room_id = m.room_id AND e.sender = m.state_key)"
+        "SELECT m.state_key, (SELECT e.stream_ordering FROM events e"
+        " WHERE e.room_id = m.room_id AND e.sender = m.state_key"
+        " AND (e.rel_type IS NULL OR e.rel_type <> 'm.thread')"
+        " ORDER BY e.stream_ordering DESC LIMIT 1)"
         " FROM current_state m WHERE m.room_id = ? AND m.type = 'm.room.member'",
         (room_id,),
     )
     return {r[0]: r[1] for r in rows if r[1] is not None}
+
+
+def last_thread_posts(txn: Txn, user_id: str, wanted: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """For each (room, thread root): the user's newest post in that thread, if any
+    (found through ``events_relates_to``: the thread's events, not the user's)."""
+    # SQLite, without statistics, would rather walk the user's events in the room.
+    source = "events INDEXED BY events_relates_to" if txn.dialect == "sqlite" else "events"
+    out: dict[tuple[str, str], int] = {}
+    for room_id, root in wanted:
+        position = txn.fetchval(
+            f"SELECT MAX(stream_ordering) FROM {source} WHERE relates_to = ? AND rel_type = 'm.thread'"
+            " AND room_id = ? AND sender = ?",
+            (root, room_id, user_id),
+        )
+        if position is not None:
+            out[(room_id, root)] = int(position)
+    return out
 
 
 # -- state ------------------------------------------------------------------------------
