@@ -94,6 +94,29 @@ def test_rules_drive_unread_counts_and_notifications(server: ServerProcess) -> N
     assert counts == {"notification_count": 2, "highlight_count": 1}  # "anyone?" added nothing
 
 
+def test_notifications_read_flag_follows_threads(server: ServerProcess) -> None:
+    """/notifications' ``read``: a reply in a thread is read once bob posts in that
+    thread (sending an event updates the sender's read receipt), a main-timeline
+    message only once he writes outside threads."""
+    alice, bob = server.client().register(), server.client().register()
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    root = alice.send(room, "root")
+    in_thread = {"msgtype": "m.text", "body": "reply", "m.relates_to": {"rel_type": "m.thread", "event_id": root}}
+    reply = alice.send(room, in_thread)
+    main = alice.send(room, "main")
+
+    def read_flags() -> dict[str, bool]:
+        notes = bob.call("GET", "/_matrix/client/v3/notifications")["notifications"]
+        return {n["event"]["event_id"]: n["read"] for n in notes if n["event"]["event_id"] in (root, reply, main)}
+
+    assert read_flags() == {root: False, reply: False, main: False}
+    bob.send(room, {**in_thread, "body": "bob in the thread"})
+    assert read_flags() == {root: False, reply: True, main: False}
+    bob.send(room, "bob outside threads")
+    assert read_flags() == {root: True, reply: True, main: True}
+
+
 class Gateway:
     """A real HTTP push gateway on localhost that records what it receives."""
 

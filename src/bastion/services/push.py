@@ -403,15 +403,25 @@ class PushRulesService:
             oldest = next(iter(decisions))
             self._remembered_pairs -= 1 + len(decisions.pop(oldest).notified)
 
-    async def read_position(self, room: RoomSnapshot, user_id: str) -> int:
-        return max(room.last_event_by.get(user_id, 0), await self._receipts.read_position(room.room_id, user_id))
+    async def _read_positions(self, room: RoomSnapshot, user_id: str) -> tuple[int, int, dict[str, int]]:
+        """(unthreaded receipt, main timeline, {thread root: position}) of what the user
+        has read, as far as the room's memory tells: the main timeline up to their
+        unthreaded or ``main`` receipt or their own newest message outside threads; a
+        thread up to their receipt in it or their own newest post in it (spec: sending an
+        event updates the sender's read receipt) — posts no longer in memory are looked
+        up by the caller, when it needs them (:meth:`_look_up_thread_posts`)."""
+        unthreaded, main, threads = await self._receipts.read_positions(room.room_id, user_id)
+        for root, position in room.thread_posts.get(user_id, {}).items():
+            if position > threads.get(root, 0):
+                threads[root] = position
+        return unthreaded, max(unthreaded, main, room.last_event_by.get(user_id, 0)), threads
 
     async def unread_counts(self, room: RoomSnapshot, user_id: str, upto: int) -> UnreadCounts:
         """Notifications the user has not read, counting events up to ``upto``.
 
         The main timeline is read up to the user's unthreaded or ``main`` receipt (or
-        their own last message); a thread up to their unthreaded receipt or their receipt
-        in that thread.
+        their own last message outside threads); a thread up to their unthreaded
+        receipt, their receipt in that thread or their own last post in it.
         """
         return (await self.unread_counts_many([room], user_id, upto))[room.room_id]
 
@@ -425,18 +435,11 @@ class PushRulesService:
         """
         plans: list[tuple[RoomSnapshot, _Unread, _Unread, dict[str, int]]] = []
         for room in rooms:
-            unthreaded, main, threads = await self._receipts.read_positions(room.room_id, user_id)
-            main_read = max(unthreaded, main, room.last_event_by.get(user_id, 0))
+            unthreaded, main_read, threads = await self._read_positions(room, user_id)
             current = self._unread.get((user_id, room.room_id))
             main_entry = current[0] if current is not None else None
             if main_entry is None or main_entry.signature != (main_read,) or main_entry.counted_upto > upto:
                 main_entry = _Unread((main_read,), counted_upto=main_read, counts=UnreadCounts())
-            # The user's own posts in threads read those threads (spec: sending an event
-            # updates the sender's read receipt), like receipts in them.
-            posts = room.thread_posts.get(user_id, {})
-            for root, position in posts.items():
-                if position > threads.get(root, 0):
-                    threads[root] = position
             thread_sig = (unthreaded, tuple(sorted(threads.items())))
             thread_entry = current[1] if current is not None else None
             if thread_entry is None or thread_entry.signature != thread_sig or thread_entry.counted_upto > upto:
@@ -536,14 +539,29 @@ class PushRulesService:
             raise InvalidParam("'only' may only be 'highlight'")
         user = requester.user_id
         rows = await self._db.read(push_actions_store.notifications_for, user, before, limit + 1, only == "highlight")
+        rows_out = rows[:limit]
+        # room -> (unthreaded, main timeline, per thread) read positions (see _read_positions)
+        positions: dict[str, tuple[int, int, dict[str, int]]] = {}
+        in_memory: dict[str, dict[str, int]] = {}  # room -> the user's thread posts it holds
+        unknown: list[tuple[str, str]] = []  # (room, thread) whose own newest post is not in memory
+        for row in rows_out:
+            if row.room_id not in positions:
+                room = self._rooms.cached(row.room_id) or await self._rooms.get(row.room_id)
+                positions[row.room_id] = await self._read_positions(room, user) if room is not None else (0, 0, {})
+                in_memory[row.room_id] = room.thread_posts.get(user, {}) if room is not None else {}
+            root = thread_root(row.event)
+            if root is not None and root not in in_memory[row.room_id] and (row.room_id, root) not in unknown:
+                unknown.append((row.room_id, root))
+        if unknown:
+            for (room_id, root), position in (await self._db.read(events_store.last_thread_posts, user, unknown)).items():
+                threads = positions[room_id][2]
+                threads[root] = max(threads.get(root, 0), position)
         out: list[dict[str, Any]] = []
         now = now_ms()
-        read_positions: dict[str, int] = {}
-        for row in rows[:limit]:
-            read_pos = read_positions.get(row.room_id)
-            if read_pos is None:
-                room = self._rooms.cached(row.room_id) or await self._rooms.get(row.room_id)
-                read_pos = read_positions[row.room_id] = await self.read_position(room, user) if room is not None else 0
+        for row in rows_out:
+            unthreaded, main_read, threads = positions[row.room_id]
+            root = thread_root(row.event)
+            read_pos = main_read if root is None else max(unthreaded, threads.get(root, 0))
             out.append({
                 "actions": row.actions,
                 "event": row.event.client_fragment(now, requester.device_key),
