@@ -193,9 +193,8 @@ class EventPersister:
                     event.state_key, event.room_id, event.membership or "leave", event.stream_ordering, event.event_id
                 )
                 woken.add(event.state_key)
-        for target, _, replacing, _ in unit._redaction_results:
-            self._events.note_redaction([target.event_id, *replacing])
         for target, pruned, replacing, redaction in unit._redaction_results:
+            self._events.note_redaction([target.event_id, *replacing])
             live = self._events.get_cached(target.event_id) or target
             live.apply_redaction(pruned, redaction)
             if target is not live:
