@@ -16,6 +16,7 @@ reloaded from the database at any time.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from bastion.core.visibility import normalise_visibility
 from bastion.storage import events as events_store
 from bastion.storage import rooms as rooms_store
 from bastion.storage.database import Database, Txn
+from bastion.streams.notifier import Notifier
+
+log = logging.getLogger(__name__)
 
 RECENT_EVENTS_PER_ROOM = 50
 # Rooms loaded per database transaction when many are needed at once (an initial /sync).
@@ -432,6 +436,29 @@ class RoomCache:
                 snap.apply(event)
         self.add(snap)
         return snap
+
+
+async def wake_members(rooms: RoomCache, notifier: Notifier, room_ids: Iterable[str], also: Iterable[str] = ()) -> None:
+    """Wake the joined members of ``room_ids`` (and ``also``) for an ephemeral change
+    (typing, presence), loading the rooms not in memory to learn who they are. If that
+    fails, long-polls from before now compute before they wait (Notifier.nothing_since)
+    instead of trusting they were woken."""
+    users = set(also)
+    uncached: list[str] = []
+    for room_id in room_ids:
+        room = rooms.cached(room_id)
+        if room is not None:
+            users |= room.joined
+        else:
+            uncached.append(room_id)
+    if uncached:
+        try:
+            for room in (await rooms.get_many(uncached)).values():
+                users |= room.joined
+        except Exception as exc:
+            log.warning("could not load %d room(s) to wake their members: %s", len(uncached), exc)
+            notifier.lost_track()
+    notifier.notify_users(users)
 
 
 @dataclass(slots=True)

@@ -11,7 +11,6 @@ With ``presence.enabled: false`` nothing is tracked and everyone reads as offlin
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -19,11 +18,9 @@ from typing import Any
 
 from bastion.clock import now_ms
 from bastion.errors import BadJson, Forbidden
-from bastion.services.caches import MembershipIndex, RoomCache
+from bastion.services.caches import MembershipIndex, RoomCache, wake_members
 from bastion.services.requester import Requester
 from bastion.streams.notifier import Notifier
-
-log = logging.getLogger(__name__)
 
 STATES = ("online", "unavailable", "offline")
 MAX_CHANGES = 10_000
@@ -133,25 +130,8 @@ class PresenceService:
         await self._wake_watchers(user_id)
 
     async def _wake_watchers(self, user_id: str) -> None:
-        users: set[str] = {user_id}
-        uncached: list[str] = []
-        for room_id, membership in (await self._memberships.rooms_for(user_id)).items():
-            if membership.membership == "join":
-                room = self._rooms.cached(room_id)
-                if room is not None:
-                    users |= room.joined
-                else:
-                    uncached.append(room_id)
-        if uncached:  # their members are known once the rooms are loaded
-            try:
-                for room in (await self._rooms.get_many(uncached)).values():
-                    users |= room.joined
-            except Exception as exc:
-                log.warning("could not load rooms to wake watchers of %s's presence: %s", user_id, exc)
-                # Whom to wake is unknown: long-polls from before now compute before
-                # they wait (Notifier.nothing_since) instead of trusting they were woken.
-                self._notifier.lost_track()
-        self._notifier.notify_users(users)
+        joined = [r for r, m in (await self._memberships.rooms_for(user_id)).items() if m.membership == "join"]
+        await wake_members(self._rooms, self._notifier, joined, also=[user_id])
 
     async def set_status(self, requester: Requester, user_id: str, body: dict[str, Any]) -> None:
         if user_id != requester.user_id:

@@ -13,17 +13,14 @@ meaningful on another. Without the bus, typing stays on the worker it was set on
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import replace
 from typing import Any
 
 from bastion.clock import now_ms
 from bastion.errors import Forbidden, InvalidParam
-from bastion.services.caches import RoomCache
+from bastion.services.caches import RoomCache, wake_members
 from bastion.services.requester import Requester
 from bastion.streams.notifier import Notifier
-
-log = logging.getLogger(__name__)
 
 MAX_TIMEOUT_MS = 120_000
 DEFAULT_TIMEOUT_MS = 30_000
@@ -111,21 +108,9 @@ class TypingService:
         if room is not None:
             self._notifier.notify_users(room.joined)
         else:  # another worker's change, or the room left memory: its members need loading
-            task = asyncio.get_running_loop().create_task(self._wake_members(room_id))
+            task = asyncio.get_running_loop().create_task(wake_members(self._rooms, self._notifier, [room_id]))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-
-    async def _wake_members(self, room_id: str) -> None:
-        try:
-            room = await self._rooms.get(room_id)
-        except Exception as exc:
-            log.warning("could not load %s to wake its members for a typing change: %s", room_id, exc)
-            # Whom to wake is unknown: long-polls from before now compute before they
-            # wait (Notifier.nothing_since) instead of trusting they were woken.
-            self._notifier.lost_track()
-            return
-        if room is not None:
-            self._notifier.notify_users(room.joined)
 
     def typing_event(self, room_id: str, after: int | None, upto: int) -> dict[str, object] | None:
         """The ``m.typing`` ephemeral event for a sync, or None if nothing to say."""
