@@ -540,16 +540,16 @@ class PushRulesService:
         user = requester.user_id
         rows = await self._db.read(push_actions_store.notifications_for, user, before, limit + 1, only == "highlight")
         rows_out = rows[:limit]
+        roots = [thread_root(row.event) for row in rows_out]
         # room -> (unthreaded, main timeline, per thread) read positions (see _read_positions)
         positions: dict[str, tuple[int, int, dict[str, int]]] = {}
         in_memory: dict[str, dict[str, int]] = {}  # room -> the user's thread posts it holds
         unknown: list[tuple[str, str]] = []  # (room, thread) whose own newest post is not in memory
-        for row in rows_out:
+        for row, root in zip(rows_out, roots, strict=True):
             if row.room_id not in positions:
                 room = self._rooms.cached(row.room_id) or await self._rooms.get(row.room_id)
                 positions[row.room_id] = await self._read_positions(room, user) if room is not None else (0, 0, {})
                 in_memory[row.room_id] = room.thread_posts.get(user, {}) if room is not None else {}
-            root = thread_root(row.event)
             if root is not None and root not in in_memory[row.room_id] and (row.room_id, root) not in unknown:
                 unknown.append((row.room_id, root))
         if unknown:
@@ -558,9 +558,8 @@ class PushRulesService:
                 threads[root] = max(threads.get(root, 0), position)
         out: list[dict[str, Any]] = []
         now = now_ms()
-        for row in rows_out:
+        for row, root in zip(rows_out, roots, strict=True):
             unthreaded, main_read, threads = positions[row.room_id]
-            root = thread_root(row.event)
             read_pos = main_read if root is None else max(unthreaded, threads.get(root, 0))
             out.append({
                 "actions": row.actions,
