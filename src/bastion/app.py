@@ -61,6 +61,7 @@ from bastion.services.rooms import RoomService
 from bastion.services.search import SearchService
 from bastion.services.signals import SignalPoller
 from bastion.services.sync import SyncService
+from bastion.services.sync_pacing import SyncPacer
 from bastion.services.typing import TypingService
 from bastion.services.url_preview import UrlPreviewService
 from bastion.settings import Settings
@@ -269,6 +270,9 @@ class Homeserver:
             idle_after_s=settings.presence.idle_after_s,
             offline_after_s=settings.presence.offline_after_s,
         )
+        self.sync_pacer = SyncPacer(
+            settings.limits.sync_pacing_ms / 1000, settings.limits.sync_pacing_busy_lag_ms / 1000
+        )
         self.sync = SyncService(
             db=db,
             rooms=self.room_cache,
@@ -283,6 +287,7 @@ class Homeserver:
             push=self.push_rules,
             keys=self.keys,
             max_timeout_ms=settings.limits.sync_max_timeout_ms,
+            pacer=self.sync_pacer,
             timeline_limit_max=settings.limits.timeline_limit_max,
         )
         self.filters = FilterService(db)
@@ -411,6 +416,7 @@ class Homeserver:
         gc_tuning.install()
         hs._tasks.append(asyncio.create_task(gc_tuning.periodic_full_collection(), name="gc"))
         hs._tasks.append(asyncio.create_task(hs._periodic(), name="periodic"))
+        hs._tasks.append(asyncio.create_task(hs.sync_pacer.run(), name="sync-pacing"))
         hs._tasks.append(asyncio.create_task(hs.deactivation.finish_pending(), name="pending-deactivations"))
         hs._tasks.append(asyncio.create_task(hs.push_rules.move_staged_rows(), name="push-actions"))
         hs.presence.start()
@@ -422,6 +428,7 @@ class Homeserver:
         from bastion import metrics
 
         metrics.SYNC_WAITING.set_function(lambda: self.notifier.waiting_count)
+        metrics.LOOP_LAG_SECONDS.set_function(lambda: self.sync_pacer.lag)
         stats = getattr(self.db, "pool_stats", None)
         if stats is not None:
             metrics.DB_POOL_IN_USE.set_function(lambda: stats().get("in_use", 0))

@@ -28,6 +28,13 @@ SYNC_WAKE_SECONDS = Histogram(
     "From an event's commit (on any worker) to the /sync long-polls it concerns being woken on this worker",
     buckets=_LATENCY,
 )
+SYNC_PACED = Counter(
+    "bastion_sync_paced_total",
+    "Long-poll /sync requests held back (at most limits.sync_pacing_ms) to batch events while the worker was busy",
+)
+LOOP_LAG_SECONDS = Gauge(
+    "bastion_event_loop_lag_seconds", "How late the event loop ran a 20 ms timer, mean over the last 100 ms"
+)
 SYNC_WAITING = Gauge("bastion_sync_waiting", "Long-polling /sync requests held open")
 DB_POOL_IN_USE = Gauge("bastion_db_pool_in_use", "Database connections in use")
 DB_POOL_SIZE = Gauge("bastion_db_pool_size", "Database connections open")

@@ -93,6 +93,11 @@ class PasswordHashingSettings(_Section):
 class LimitsSettings(_Section):
     max_request_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     sync_max_timeout_ms: Annotated[int, Field(ge=0, le=600_000)] = 60_000
+    # While this worker's event loop runs timers sync_pacing_busy_lag_ms late or more
+    # (mean over 100 ms), a device gets at most one long-poll /sync answer per
+    # sync_pacing_ms (0: never paced).
+    sync_pacing_ms: Annotated[int, Field(ge=0, le=1000)] = 50
+    sync_pacing_busy_lag_ms: Annotated[float, Field(ge=0, le=1000)] = 5
     timeline_limit_default: Annotated[int, Field(ge=1, le=1000)] = 10
     timeline_limit_max: Annotated[int, Field(ge=1, le=1000)] = 100
     messages_limit_max: Annotated[int, Field(ge=1, le=1000)] = 1000

@@ -33,6 +33,7 @@ from bastion.services.push import PushRulesService
 from bastion.services.receipts import ReceiptsService
 from bastion.services.relations import Bundler, Bundles
 from bastion.services.requester import Requester
+from bastion.services.sync_pacing import SyncPacer
 from bastion.services.typing import TypingService
 from bastion.storage import events as events_store
 from bastion.storage.database import Database
@@ -84,6 +85,7 @@ class SyncService:
         keys: KeysService,
         max_timeout_ms: int,
         timeline_limit_max: int,
+        pacer: SyncPacer | None = None,
     ) -> None:
         self._db = db
         self._rooms = rooms
@@ -98,6 +100,7 @@ class SyncService:
         self._push = push
         self._keys = keys
         self._max_timeout_ms = max_timeout_ms
+        self._pacer = pacer
         self._timeline_limit_max = timeline_limit_max
         self._sent_members: OrderedDict[tuple[str, str | None], dict[str, dict[str, str]]] = OrderedDict()
 
@@ -116,6 +119,18 @@ class SyncService:
         timeout_s = min(max(req.timeout_ms, 0), self._max_timeout_ms) / 1000
         deadline = time.monotonic() + timeout_s
         since = req.since
+        pacer = self._pacer
+        if pacer is None or not pacer.enabled or since is None or timeout_s <= 0:
+            return await self._answer(req, since, deadline)
+        key = (user, req.requester.device_id)
+        await pacer.pace(key)
+        try:
+            return await self._answer(req, since, deadline)
+        finally:
+            pacer.answered(key)
+
+    async def _answer(self, req: SyncRequest, since: StreamToken | None, deadline: float) -> bytes:
+        user = req.requester.user_id
         if since is not None:
             since = since.min(self._notifier.current)
             remaining = deadline - time.monotonic()
