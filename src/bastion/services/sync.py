@@ -9,6 +9,9 @@ spliced into the response as :class:`orjson.Fragment` objects.
 
 An incremental sync with nothing to report waits on the :class:`Notifier` until
 something for the user is committed or the timeout passes, then computes again.
+While the worker is busy, a long-poll from a device answered moments ago first waits
+out :class:`~bastion.services.sync_pacing.SyncPacer`'s interval, so events committed
+meanwhile share one response.
 """
 
 from __future__ import annotations
