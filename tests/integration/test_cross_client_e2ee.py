@@ -140,6 +140,11 @@ async def _until(predicate, what: str, describe=lambda: "", background: asyncio.
         await asyncio.sleep(0.05)
 
 
+def _has_device_keys(reader: MatrixHttp, user_id: str, device_id: str) -> bool:
+    body = reader.call("POST", "/_matrix/client/v3/keys/query", {"device_keys": {user_id: []}})
+    return device_id in body.get("device_keys", {}).get(user_id, {})
+
+
 def _server_copy(reader: MatrixHttp, room_id: str, event_id: str) -> dict[str, Any]:
     return reader.call("GET", f"/_matrix/client/v3/rooms/{quote(room_id)}/event/{quote(event_id)}")
 
@@ -204,6 +209,21 @@ def test_nio_and_js_sdk_decrypt_each_other(js_sdk: str, make_server, tmp_path: P
             peer, ready = await JsPeer.start(js_sdk, env, tmp_path / "node-stderr.log")
             assert ready["userId"] == js_user.user_id
             js_device = ready["deviceId"]
+            # The js peer is ready after its first sync; its device keys upload may still
+            # be in flight. Join only once the server has them: otherwise nio's first
+            # /keys/query can run concurrently with the upload, and matrix-nio's
+            # sync_forever (which runs /sync and /keys/query side by side) may handle
+            # the sync that reports the change before the stale query answer, whose
+            # handling then clears the re-query flag — a client race, not what this
+            # test is about.
+            keys_reader = MatrixHttp(srv.base_url, srv.server_name, token=nio.access_token)
+            try:
+                deadline = time.monotonic() + STEP_TIMEOUT
+                while not await asyncio.to_thread(_has_device_keys, keys_reader, js_user.user_id or "", js_device):
+                    assert time.monotonic() < deadline, f"the js peer never uploaded the keys of {js_device}"
+                    await asyncio.sleep(0.05)
+            finally:
+                keys_reader.close()
             joined = await peer.ask("join", roomId=room_id)
             assert joined["encrypted"] is True, "the js-sdk treats the room as encrypted"
 
