@@ -175,6 +175,7 @@ def test_nio_and_js_sdk_decrypt_each_other(js_sdk: str, make_server, tmp_path: P
         )
         peer: JsPeer | None = None
         sync_task: asyncio.Task | None = None
+        reader: MatrixHttp | None = None  # plain HTTP with nio's token: what the server holds
         received: dict[str, RoomMessageText] = {}
         undecryptable: dict[str, MegolmEvent] = {}
 
@@ -216,14 +217,11 @@ def test_nio_and_js_sdk_decrypt_each_other(js_sdk: str, make_server, tmp_path: P
             # the sync that reports the change before the stale query answer, whose
             # handling then clears the re-query flag — a client race, not what this
             # test is about.
-            keys_reader = MatrixHttp(srv.base_url, srv.server_name, token=nio.access_token)
-            try:
-                deadline = time.monotonic() + STEP_TIMEOUT
-                while not await asyncio.to_thread(_has_device_keys, keys_reader, js_user.user_id or "", js_device):
-                    assert time.monotonic() < deadline, f"the js peer never uploaded the keys of {js_device}"
-                    await asyncio.sleep(0.05)
-            finally:
-                keys_reader.close()
+            reader = MatrixHttp(srv.base_url, srv.server_name, token=nio.access_token)
+            deadline = time.monotonic() + STEP_TIMEOUT
+            while not await asyncio.to_thread(_has_device_keys, reader, js_user.user_id or "", js_device):
+                assert time.monotonic() < deadline, f"the js peer never uploaded the keys of {js_device}"
+                await asyncio.sleep(0.05)
             joined = await peer.ask("join", roomId=room_id)
             assert joined["encrypted"] is True, "the js-sdk treats the room as encrypted"
 
@@ -244,53 +242,51 @@ def test_nio_and_js_sdk_decrypt_each_other(js_sdk: str, make_server, tmp_path: P
             # ... and the js side downloads nio's device.
             assert (await peer.ask("devices", userId=nio_user.user_id))["devices"] == [nio.device_id]
 
-            reader = MatrixHttp(srv.base_url, srv.server_name, token=nio.access_token)
-            try:
-                for round_no in (1, 2):
-                    # nio -> js
-                    body = f"from nio, round {round_no}: grüße ✓"
-                    sent = await nio.room_send(
-                        room_id,
-                        "m.room.message",
-                        {"msgtype": "m.text", "body": body},
-                        ignore_unverified_devices=True,
-                    )
-                    assert isinstance(sent, RoomSendResponse), sent
-                    seen = await peer.ask("expect", roomId=room_id, eventId=sent.event_id, body=body)
-                    assert seen["sender"] == nio_user.user_id
-                    assert seen["isEncrypted"] is True and seen["wireType"] == "m.room.encrypted", seen
-                    assert seen["algorithm"] == MEGOLM, seen
-                    assert seen["decryptionFailure"] is False, seen
-                    assert seen["type"] == "m.room.message", seen
-                    assert (seen["msgtype"], seen["body"]) == ("m.text", body), seen
-                    assert seen["senderCurve25519"] == nio_keys["curve25519"], seen
-                    assert seen["claimedEd25519"] == nio_keys["ed25519"], seen
-                    stored = await asyncio.to_thread(_server_copy, reader, room_id, sent.event_id)
-                    assert stored["type"] == "m.room.encrypted" and stored["content"]["algorithm"] == MEGOLM, stored
-                    assert "body" not in stored["content"], stored
+            for round_no in (1, 2):
+                # nio -> js
+                body = f"from nio, round {round_no}: grüße ✓"
+                sent = await nio.room_send(
+                    room_id,
+                    "m.room.message",
+                    {"msgtype": "m.text", "body": body},
+                    ignore_unverified_devices=True,
+                )
+                assert isinstance(sent, RoomSendResponse), sent
+                seen = await peer.ask("expect", roomId=room_id, eventId=sent.event_id, body=body)
+                assert seen["sender"] == nio_user.user_id
+                assert seen["isEncrypted"] is True and seen["wireType"] == "m.room.encrypted", seen
+                assert seen["algorithm"] == MEGOLM, seen
+                assert seen["decryptionFailure"] is False, seen
+                assert seen["type"] == "m.room.message", seen
+                assert (seen["msgtype"], seen["body"]) == ("m.text", body), seen
+                assert seen["senderCurve25519"] == nio_keys["curve25519"], seen
+                assert seen["claimedEd25519"] == nio_keys["ed25519"], seen
+                stored = await asyncio.to_thread(_server_copy, reader, room_id, sent.event_id)
+                assert stored["type"] == "m.room.encrypted" and stored["content"]["algorithm"] == MEGOLM, stored
+                assert "body" not in stored["content"], stored
 
-                    # js -> nio
-                    body = f"from js-sdk, round {round_no}: ünïcödé ✓"
-                    answer = await peer.ask("send", roomId=room_id, body=body)
-                    event_id = answer["eventId"]
-                    assert answer["wireType"] == "m.room.encrypted" and answer["wireAlgorithm"] == MEGOLM, answer
-                    assert answer["wireHasBody"] is False, answer
-                    event = await _until(
-                        lambda eid=event_id: received.get(eid),
-                        f"nio to decrypt {event_id}",
-                        lambda eid=event_id: f"undecryptable: {undecryptable.get(eid)}; received: {list(received)}",
-                        sync_task,
-                    )
-                    assert event.sender == js_user.user_id
-                    assert event.decrypted is True, "nio decrypted it (it was not plaintext)"
-                    assert event.body == body
-                    assert event.sender_key == ready["curve25519"], "session from the js device's curve25519 key"
-                    stored = await asyncio.to_thread(_server_copy, reader, room_id, event_id)
-                    assert stored["type"] == "m.room.encrypted" and stored["content"]["algorithm"] == MEGOLM, stored
-                    assert "body" not in stored["content"], stored
-            finally:
-                reader.close()
+                # js -> nio
+                body = f"from js-sdk, round {round_no}: ünïcödé ✓"
+                answer = await peer.ask("send", roomId=room_id, body=body)
+                event_id = answer["eventId"]
+                assert answer["wireType"] == "m.room.encrypted" and answer["wireAlgorithm"] == MEGOLM, answer
+                assert answer["wireHasBody"] is False, answer
+                event = await _until(
+                    lambda eid=event_id: received.get(eid),
+                    f"nio to decrypt {event_id}",
+                    lambda eid=event_id: f"undecryptable: {undecryptable.get(eid)}; received: {list(received)}",
+                    sync_task,
+                )
+                assert event.sender == js_user.user_id
+                assert event.decrypted is True, "nio decrypted it (it was not plaintext)"
+                assert event.body == body
+                assert event.sender_key == ready["curve25519"], "session from the js device's curve25519 key"
+                stored = await asyncio.to_thread(_server_copy, reader, room_id, event_id)
+                assert stored["type"] == "m.room.encrypted" and stored["content"]["algorithm"] == MEGOLM, stored
+                assert "body" not in stored["content"], stored
         finally:
+            if reader is not None:
+                reader.close()
             if peer is not None:
                 await peer.close()
             if sync_task is not None:
