@@ -36,6 +36,8 @@ class MatrixError(Exception):
 
     status: int = 400
     errcode: str = "M_UNKNOWN"
+    # Set when the request's body was left unread: the answer closes the connection.
+    close_connection: bool = False
 
     def __init__(
         self,

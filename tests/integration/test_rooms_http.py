@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
+import h11
+import orjson
 import pytest
 
-from tests.harness import MatrixError, MatrixHttp, ServerProcess, cluster_workers
+from tests.harness import ClusterProcess, MatrixError, MatrixHttp, ServerProcess, cluster_workers
 
 
 @pytest.fixture
@@ -333,3 +336,82 @@ def test_deeply_nested_and_wrongly_typed_bodies_are_refused(alice: MatrixHttp) -
         assert resp.status_code == 400 and resp.json()["errcode"] == "M_BAD_JSON"
     members = alice.call("GET", f"/_matrix/client/v3/rooms/{room}/joined_members")["joined"][alice.user_id]
     assert members == {"display_name": alice.user_id.split(":")[0][1:]}  # no avatar set: the key is omitted
+
+
+def _exchange_start(sock: socket.socket, conn: h11.Connection, server: ServerProcess, token: str, method: str,
+                    target: str, length: int = 0, extra: tuple[tuple[str, str], ...] = ()) -> None:
+    headers = [("host", f"127.0.0.1:{server.port}"), ("authorization", f"Bearer {token}"),
+               ("content-type", "application/json"), ("content-length", str(length)), *extra]
+    sock.sendall(conn.send(h11.Request(method=method, target=target, headers=headers)))
+
+
+def _read_response(sock: socket.socket, conn: h11.Connection) -> tuple[h11.Response, bytes, bool]:
+    """The next response on ``sock``: head, body, and whether the server closed the connection after it."""
+    response: h11.Response | None = None
+    body = b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    assert response is not None
+    closed = False
+    if conn.their_state is h11.MUST_CLOSE:
+        sock.settimeout(10)
+        closed = sock.recv(1) == b""
+    return response, body, closed
+
+
+def test_refused_oversized_body_leaves_the_connection_usable(alice: MatrixHttp, server: ServerProcess) -> None:
+    """A 413 for a body over the limit, and the client's next request on the same
+    connection is answered: the server reads the rest of a moderately oversized body
+    before answering, so neither it nor a proxy in front closes a connection the
+    answer said was kept alive (nginx does when the answer ends while it is still
+    forwarding the body)."""
+    assert alice.token is not None
+    limit = 1024 * 1024
+    body = b'{"name":"' + b"x" * (limit + 200_000) + b'"}'
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        conn = h11.Connection(h11.CLIENT)
+        _exchange_start(sock, conn, server, alice.token, "POST", "/_matrix/client/v3/createRoom", len(body))
+        sock.sendall(conn.send(h11.Data(data=body[: limit + 100_000])))
+        time.sleep(0.5)  # the server has seen more than its limit; the rest is still to come
+        sock.sendall(conn.send(h11.Data(data=body[limit + 100_000:])))
+        sock.sendall(conn.send(h11.EndOfMessage()))
+        response, answer, closed = _read_response(sock, conn)
+        assert response.status_code == 413 and orjson.loads(answer)["errcode"] == "M_TOO_LARGE"
+        assert not closed
+        conn.start_next_cycle()
+        _exchange_start(sock, conn, server, alice.token, "GET", "/_matrix/client/v3/account/whoami")
+        sock.sendall(conn.send(h11.EndOfMessage()))
+        response, answer, _ = _read_response(sock, conn)
+        assert response.status_code == 200 and orjson.loads(answer)["user_id"] == alice.user_id
+
+
+@pytest.mark.parametrize(("length", "extra"), [
+    (21 * 1024 * 1024, ()),
+    (1024 * 1024 + 1000, (("expect", "100-continue"),)),
+], ids=["far-over", "expect-continue"])
+def test_oversized_body_is_refused_without_being_read(alice: MatrixHttp, server: ServerProcess, length: int,
+                                                      extra: tuple[tuple[str, str], ...]) -> None:
+    """A body declared 20 MiB past the limit, or over it by a client waiting for
+    ``100 Continue``, is refused at once, before the client sends it; talking to
+    the server directly, the answer closes the connection (the client must not send
+    the body on it). Through nginx only the 413 is checked: nginx itself answers
+    ``Expect`` and decides about the client's connection."""
+    assert alice.token is not None
+    if extra and isinstance(server, ClusterProcess):
+        pytest.skip("nginx answers Expect: 100-continue itself")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        conn = h11.Connection(h11.CLIENT)
+        _exchange_start(sock, conn, server, alice.token, "POST", "/_matrix/client/v3/createRoom", length, extra)
+        response, answer, closed = _read_response(sock, conn)
+        assert response.status_code == 413 and orjson.loads(answer)["errcode"] == "M_TOO_LARGE"
+        if not isinstance(server, ClusterProcess):
+            assert (b"connection", b"close") in response.headers
+            assert closed

@@ -157,13 +157,7 @@ class Request:
         if self._body is not None:
             return self._body
         limit: int = self.hs.settings.limits.max_request_body_bytes
-        length = self.headers.get(b"content-length")
-        if length is not None:
-            try:
-                if int(length) > limit:
-                    raise TooLarge(f"Request body is larger than {limit} bytes")
-            except ValueError:
-                raise MatrixError("Invalid Content-Length", errcode="M_UNKNOWN", status=400) from None
+        await self._refuse_declared_over(limit, "Request body")
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -172,23 +166,18 @@ class Request:
                 raise _ClientGone()
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > limit:
-                raise TooLarge(f"Request body is larger than {limit} bytes")
+                await self._refuse_over(limit, "Request body", size, more)
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not more:
                 break
         self._body = b"".join(chunks)
         return self._body
 
     async def stream(self, limit: int) -> AsyncIterator[bytes]:
         """The request body, chunk by chunk, refusing more than ``limit`` bytes (413)."""
-        length = self.headers.get(b"content-length")
-        if length is not None:
-            try:
-                if int(length) > limit:
-                    raise TooLarge(f"The upload is larger than {limit} bytes")
-            except ValueError:
-                raise MatrixError("Invalid Content-Length", errcode="M_UNKNOWN", status=400) from None
+        await self._refuse_declared_over(limit, "The upload")
         size = 0
         while True:
             message = await self.receive()
@@ -196,12 +185,54 @@ class Request:
                 raise _ClientGone()
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > limit:
-                raise TooLarge(f"The upload is larger than {limit} bytes")
+                await self._refuse_over(limit, "The upload", size, more)
             if chunk:
                 yield chunk
-            if not message.get("more_body", False):
+            if not more:
                 return
+
+    async def _refuse_declared_over(self, limit: int, what: str) -> None:
+        """413 when Content-Length already says more than ``limit``."""
+        length = self.headers.get(b"content-length")
+        if length is None:
+            return
+        try:
+            declared = int(length)
+        except ValueError:
+            raise MatrixError("Invalid Content-Length", errcode="M_UNKNOWN", status=400) from None
+        if declared > limit:
+            await self._refuse_over(limit, what, 0, True, declared=declared)
+
+    async def _refuse_over(self, limit: int, what: str, read: int, more: bool, *, declared: int | None = None) -> None:
+        """Raise 413 for a body over ``limit``, after reading the rest of it if that is cheap.
+
+        Answering while the client is still sending breaks keep-alive: nginx marks
+        the client connection for closing once the response ends while it is still
+        reading the request body — after it has already answered with keep-alive — so
+        a client that reuses the connection for its next request gets a bare
+        disconnect. Reading (and dropping) a moderate excess first avoids that; past
+        ``_DRAIN_MAX`` bytes — or when the client waits for ``100 Continue``, which
+        reading would send — the answer says ``Connection: close`` instead (RFC 9110
+        §10.1.1), so a client talking to uvicorn directly opens a new connection.
+        """
+        error = TooLarge(f"{what} is larger than {limit} bytes")
+        budget = limit + _DRAIN_MAX
+        waits_for_continue = read == 0 and self.headers.get(b"expect", b"").lower() == b"100-continue"
+        if declared is not None and (declared > budget or waits_for_continue):
+            more_to_read = True
+        else:
+            while more and read <= budget:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone()
+                read += len(message.get("body", b""))
+                more = message.get("more_body", False)
+            more_to_read = more
+        if more_to_read:
+            error.close_connection = True
+        raise error
 
     async def cancel_on_disconnect(self, work: Awaitable[T]) -> T:
         """Run ``work``, abandoning it if the client hangs up first.
@@ -299,6 +330,11 @@ def _too_deep(value: Any) -> bool:
 
 class _ClientGone(Exception):
     pass
+
+
+# How far past its limit a refused request body is still read (and dropped) so the
+# connection stays usable; beyond this the 413 closes the connection.
+_DRAIN_MAX = 16 * 1024 * 1024
 
 
 @dataclass
@@ -502,6 +538,8 @@ class MatrixApp:
             response = await route.handler(req)
         except MatrixError as exc:
             response = Response(orjson.dumps(exc.to_dict()), exc.status)
+            if exc.close_connection:
+                response.headers = [(b"connection", b"close")]
             if exc.status == 429:
                 retry = exc.extra.get("retry_after_ms")
                 if isinstance(retry, int):
