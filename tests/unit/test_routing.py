@@ -4,11 +4,13 @@ trying each route's own pattern in order would."""
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from bastion.api.http import RouteTable
+from bastion.api.http import RouteTable, parse_query
 from bastion.app import build_routes
 from bastion.errors import InvalidParam
 from tests.contract import spec_loader
@@ -74,3 +76,18 @@ def test_a_nul_in_a_path_parameter_is_refused() -> None:
     table = build_routes()
     with pytest.raises(InvalidParam):
         table.match("GET", "/_matrix/client/v3/rooms/%00/state")
+
+
+@given(st.lists(st.sampled_from(["since", "timeout", "filter", "a", "", "=", "&", "s12_3", "%2F", "+", "%zz", "é", "1"]),
+                max_size=12))
+def test_query_parsing_agrees_with_parse_qs(parts: list[str]) -> None:
+    raw = "".join(parts).encode()
+    try:
+        expected: Any = parse_qs(raw.decode(), keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        expected = type(exc)
+    try:
+        got: Any = parse_query(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        got = type(exc)
+    assert got == expected

@@ -212,14 +212,29 @@ class RoomSnapshot:
         """Events with position < stream <= upto from memory, or None if not all are cached."""
         if position < self.recent_floor:
             return None
-        return [e for e in self.recent if position < e.stream_ordering <= upto]
+        # Newest first and stop early: a /sync usually asks for the last few events.
+        found: list[Event] = []
+        for event in reversed(self.recent):
+            stream = event.stream_ordering
+            if stream <= position:
+                break
+            if stream <= upto:
+                found.append(event)
+        found.reverse()
+        return found
 
     def latest_events(self, limit: int, upto: int) -> list[Event] | None:
         """The newest ``limit`` events at or before ``upto`` if memory holds them all."""
-        events = [e for e in self.recent if e.stream_ordering <= upto]
-        if len(events) >= limit:
-            return events[-limit:]
-        return events if self.recent_floor == 0 else None
+        found: list[Event] = []
+        for event in reversed(self.recent):
+            if event.stream_ordering <= upto:
+                found.append(event)
+                if len(found) == limit:
+                    break
+        found.reverse()
+        if len(found) >= limit:
+            return found
+        return found if self.recent_floor == 0 else None
 
     def state_rollback(
         self, position: int, keys: set[StateKey] | None = None

@@ -12,6 +12,7 @@ field), as the spec requires for ``prev_batch``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 from bastion.core.ids import parse_digits
@@ -19,6 +20,7 @@ from bastion.errors import InvalidParam
 
 _MAX = 2**62
 _MAX_DIGITS = len(str(_MAX))
+_TOKEN_RE = re.compile(rf"s[0-9]{{1,{_MAX_DIGITS}}}(?:_[0-9]{{1,{_MAX_DIGITS}}}){{0,6}}", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,27 +40,58 @@ class StreamToken:
         )
 
     def encode(self) -> str:
-        return "s" + "_".join(map(str, self._values()))
+        return (
+            f"s{self.events}_{self.account_data}_{self.receipts}_{self.typing}_"
+            f"{self.presence}_{self.to_device}_{self.device_lists}"
+        )
 
     @classmethod
     def decode(cls, text: str, what: str = "since") -> StreamToken:
-        if not text.startswith("s") or len(text) > 200:
+        # One regular expression checks the whole grammar (ASCII digits, at most
+        # _MAX_DIGITS each, one to seven fields); int() then cannot fail.
+        match = _TOKEN_RE.fullmatch(text) if len(text) <= 200 else None
+        if match is None:
             raise InvalidParam(f"'{what}' is not a valid sync token")
-        parts = text[1:].split("_")
-        values = [parse_digits(p, _MAX_DIGITS) for p in parts] if len(parts) <= len(_NAMES) else [None]
-        if any(v is None or v > _MAX for v in values):
+        values = [int(p) for p in text[1:].split("_")]
+        if any(v > _MAX for v in values):
             raise InvalidParam(f"'{what}' is not a valid sync token")
         return cls(*values)
 
+    # These run on every /sync and every notification: written out field by field
+    # (a generator over zipped tuples costs several times as much).
+
     def is_after(self, other: StreamToken) -> bool:
         """True if any stream in ``self`` is ahead of ``other``."""
-        return any(a > b for a, b in zip(self._values(), other._values(), strict=True))
+        return (
+            self.events > other.events or self.account_data > other.account_data
+            or self.receipts > other.receipts or self.typing > other.typing
+            or self.presence > other.presence or self.to_device > other.to_device
+            or self.device_lists > other.device_lists
+        )
 
     def max(self, other: StreamToken) -> StreamToken:
-        return StreamToken(*(max(a, b) for a, b in zip(self._values(), other._values(), strict=True)))
+        if not other.is_after(self):
+            return self
+        if not self.is_after(other):
+            return other
+        return StreamToken(
+            max(self.events, other.events), max(self.account_data, other.account_data),
+            max(self.receipts, other.receipts), max(self.typing, other.typing),
+            max(self.presence, other.presence), max(self.to_device, other.to_device),
+            max(self.device_lists, other.device_lists),
+        )
 
     def min(self, other: StreamToken) -> StreamToken:
-        return StreamToken(*(min(a, b) for a, b in zip(self._values(), other._values(), strict=True)))
+        if not self.is_after(other):
+            return self
+        if not other.is_after(self):
+            return other
+        return StreamToken(
+            min(self.events, other.events), min(self.account_data, other.account_data),
+            min(self.receipts, other.receipts), min(self.typing, other.typing),
+            min(self.presence, other.presence), min(self.to_device, other.to_device),
+            min(self.device_lists, other.device_lists),
+        )
 
     def with_events(self, position: int) -> StreamToken:
         return replace(self, events=position)
@@ -70,9 +103,6 @@ def durable_positions(token: StreamToken) -> dict[str, int]:
         "events": token.events, "account_data": token.account_data, "receipts": token.receipts,
         "to_device": token.to_device, "device_lists": token.device_lists,
     }
-
-
-_NAMES = ("events", "account_data", "receipts", "typing", "presence", "to_device", "device_lists")
 
 
 def encode_pagination(position: int) -> str:
