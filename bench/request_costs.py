@@ -17,7 +17,10 @@ time (every thread) divided by the count:
   persister commits them as one batch, as under load);
 * ``/sync with 1 new event`` / ``with K new events``: every member's incremental
   ``/sync?timeout=0`` after one (K) message(s);
-* ``/sync, nothing new``: the same with nothing new.
+* ``/sync, nothing new``: the same with nothing new;
+* ``long-poll woken``: every member's ``/sync?timeout=30000`` started, waiting, then
+  one message sent that wakes them all: per response, with 1/N of the send in it
+  (subtract ``send, one at a time`` / N for the long-poll's own cost).
 
 ``/sync`` uses ``loadgen.py``'s stored filter (``--filter none``: no filter).
 
@@ -243,6 +246,21 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
                         if got != expect:
                             raise RuntimeError(f"expected {expect} events, got {got}")
 
+        async def long_polls(phase: Phase) -> None:
+            """Every member long-polls; one message wakes them all (the benchmark's delivery)."""
+            with phase:
+                polls = [
+                    asyncio.create_task(app.ok("GET", "/_matrix/client/v3/sync", token=t,
+                                               query=f"since={quote(since[i])}&timeout=30000" + filter_param))
+                    for i, t in enumerate(tokens)
+                ]
+                for _ in range(5):  # let every long-poll reach its wait
+                    await asyncio.sleep(0)
+                await send(0, rooms[0])
+                for i, answer in enumerate(await asyncio.gather(*polls)):
+                    since[i] = answer["next_batch"]
+                    phase.count += 1
+
         profile = a.profile
         phases = {
             "send1": Phase("send, one at a time", profile == "send1"),
@@ -250,6 +268,7 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             "sync1": Phase("/sync with 1 new event", profile == "sync1"),
             "syncK": Phase(f"/sync with {a.k} new events", profile == "syncK"),
             "sync0": Phase("/sync, nothing new", profile == "sync0"),
+            "longpoll": Phase("long-poll woken (+ 1/N send)", profile == "longpoll"),
         }
         for it in range(a.iterations):
             room = rooms[it % len(rooms)]
@@ -268,6 +287,7 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
                         await send(it % a.users, room)
                         phases["send1"].count += 1
                 await sync_all(phases["syncK"], a.k)
+            await long_polls(phases["longpoll"])
         result = {name: {"what": p.name, "calls": p.count, "us_per_call": p.us_per_call(),
                          "loop_us_per_call": p.loop_us_per_call(),
                          "threads_us_per_call": {k: round(1e6 * v / max(p.count, 1), 1)
@@ -276,7 +296,10 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             p = phases[profile]
             assert p.profiler is not None
             stream = io.StringIO()
-            pstats.Stats(p.profiler, stream=stream).sort_stats("tottime").print_stats(a.top)
+            stats = pstats.Stats(p.profiler, stream=stream).sort_stats("tottime")
+            stats.print_stats(a.top)
+            for name in a.callers:
+                stats.print_callers(name)
             result["profile"] = stream.getvalue()
         return result
     finally:
@@ -291,8 +314,9 @@ def main() -> int:
     p.add_argument("--k", type=int, default=5, help="events per /sync in the K phase")
     p.add_argument("--filter", choices=["loadgen", "none"], default="loadgen",
                    help="/sync with loadgen.py's stored filter (as in the benchmarks), or none")
-    p.add_argument("--profile", choices=["send1", "sendN", "sync1", "syncK", "sync0"])
+    p.add_argument("--profile", choices=["send1", "sendN", "sync1", "syncK", "sync0", "longpoll"])
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--callers", action="append", default=[], help="with --profile: who calls functions matching this")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args()
     try:
