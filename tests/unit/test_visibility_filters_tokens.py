@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bastion.core.events import Event
 from bastion.core.filters import EventFilter, Filter, apply_event_fields
 from bastion.core.room_versions import V10
 from bastion.core.visibility import is_visible
 from bastion.errors import BadJson, InvalidParam
+from bastion.services.caches import RECENT_EVENTS_PER_ROOM, RoomSnapshot
 from bastion.streams.tokens import StreamToken, decode_pagination, encode_pagination
 
 U = "@u:x"
@@ -92,6 +95,48 @@ def test_tokens_round_trip_and_reject_garbage() -> None:
     assert decode_pagination(encode_pagination(9)) == 9
     assert decode_pagination("s12_3") == 12
     for bad in ("", "x1", "s", "s-1", "s1_2_3_4_5_6_7_8_9", "t", "t1a", "s" + "9" * 30, "s1__2",
-                "s\u00b2", "s1_\u0663", "t\u00b2", "s 1", "s+1"):  # digits int() refuses; signs, spaces
+                "s\u00b2", "s1_\u0663", "t\u00b2", "s 1", "s+1",  # digits int() refuses; signs, spaces
+                "s1_2_3_4_5_6_7_8", "s1\n", "s4611686018427387905"):  # 8 fields; trailing newline; > 2**62
         with pytest.raises(InvalidParam):
             decode_pagination(bad) if bad.startswith("t") else StreamToken.decode(bad)
+    assert StreamToken.decode("s1_2_3_4_5_6_7") == StreamToken(1, 2, 3, 4, 5, 6, 7)
+
+
+def test_token_max_and_min_are_per_stream() -> None:
+    a = StreamToken(events=5, account_data=1, to_device=9)
+    b = StreamToken(events=3, account_data=4, device_lists=2)
+    assert a.max(b) == b.max(a) == StreamToken(events=5, account_data=4, to_device=9, device_lists=2)
+    assert a.min(b) == b.min(a) == StreamToken(events=3, account_data=1)
+    older = StreamToken(events=4, account_data=1)
+    assert a.max(older) == a and older.max(a) == a
+    assert a.min(older) == older and older.min(a) == older
+    assert a.max(a) == a.min(a) == a
+
+
+@given(
+    positions=st.lists(st.integers(1, 200), max_size=RECENT_EVENTS_PER_ROOM + 10, unique=True).map(sorted),
+    after=st.integers(0, 210),
+    upto=st.integers(0, 210),
+    limit=st.integers(1, 60),
+)
+def test_recent_window_scans_match_their_definition(positions: list[int], after: int, upto: int, limit: int) -> None:
+    """events_after / latest_events (newest-first scans with an early stop) answer what
+    the window holds: (after, upto] and the newest ``limit`` at or before ``upto``, or
+    None when the window may be missing some."""
+    events = [ev(p) for p in positions]
+    window = events[-RECENT_EVENTS_PER_ROOM:]
+    floor = 0 if len(events) <= RECENT_EVENTS_PER_ROOM else events[-RECENT_EVENTS_PER_ROOM - 1].stream_ordering
+    room = RoomSnapshot("!r:x", V10, {}, None, 0, positions[-1] if positions else 0, window, floor, [])
+    got = room.events_after(after, upto)
+    if after < floor:
+        assert got is None
+    else:
+        assert got == [e for e in window if after < e.stream_ordering <= upto]
+    wanted = [e for e in window if e.stream_ordering <= upto]
+    latest = room.latest_events(limit, upto)
+    if len(wanted) >= limit:
+        assert latest == wanted[-limit:]
+    elif floor == 0:
+        assert latest == wanted
+    else:
+        assert latest is None

@@ -33,12 +33,6 @@ class StreamToken:
     to_device: int = 0
     device_lists: int = 0
 
-    def _values(self) -> tuple[int, ...]:
-        return (
-            self.events, self.account_data, self.receipts, self.typing,
-            self.presence, self.to_device, self.device_lists,
-        )
-
     def encode(self) -> str:
         return (
             f"s{self.events}_{self.account_data}_{self.receipts}_{self.typing}_"
