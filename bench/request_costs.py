@@ -22,7 +22,9 @@ time (every thread) divided by the count:
   one message sent that wakes them all: per response, with 1/N of the send in it
   (subtract ``send, one at a time`` / N for the long-poll's own cost).
 
-``/sync`` uses ``loadgen.py``'s stored filter (``--filter none``: no filter).
+``/sync`` uses ``loadgen.py``'s stored filter (``--filter none``: no filter). Message
+bodies have 3 words unless ``--words N`` (common English words); ``--encryption off``
+switches encryption at rest off (the search index is then SQLite's FTS5).
 
 ``--profile KIND`` prints cProfile's top functions (by own time) for that phase.
 
@@ -37,6 +39,7 @@ import cProfile
 import io
 import json
 import pstats
+import random
 import subprocess
 import sys
 import tempfile
@@ -51,6 +54,20 @@ import orjson
 import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent
+
+
+# Words for --words bodies: common English, so messages repeat words as real ones do.
+VOCABULARY = (
+    "the", "be", "to", "of", "and", "a", "in", "that", "have", "it", "for", "not", "on", "with", "he", "as",
+    "you", "do", "at", "this", "but", "his", "by", "from", "they", "we", "say", "her", "she", "or", "an",
+    "will", "my", "one", "all", "would", "there", "their", "what", "so", "up", "out", "if", "about", "who",
+    "get", "which", "go", "me", "when", "make", "can", "like", "time", "no", "just", "him", "know", "take",
+    "people", "into", "year", "your", "good", "some", "could", "them", "see", "other", "than", "then", "now",
+    "look", "only", "come", "its", "over", "think", "also", "back", "after", "use", "two", "how", "our",
+    "work", "first", "well", "way", "even", "new", "want", "because", "any", "these", "give", "day", "most",
+    "us", "deploy", "server", "release", "meeting", "review", "ticket", "patch", "build", "fix", "test",
+    "customer", "report",
+)
 
 
 class App:
@@ -180,6 +197,7 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     config = yaml.safe_load(config_path.read_text())
     config.setdefault("presence", {})["enabled"] = False
     config.setdefault("limits", {})["sync_pacing_ms"] = 0
+    config["encryption"]["enabled"] = a.encryption == "on"
     config_path.write_text(yaml.safe_dump(config))
 
     from bastion.app import create_app
@@ -227,12 +245,18 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
                                        query="timeout=0" + filter_param))["next_batch"])
 
         txn = 0
+        rng = random.Random(7)
+
+        def body_text() -> str:
+            if a.words <= 0:
+                return f"message {txn} " + "x" * 60  # 3 words, as before --words
+            return " ".join(rng.choice(VOCABULARY) for _ in range(a.words))
 
         async def send(sender: int, room: str) -> None:
             nonlocal txn
             txn += 1
             await app.ok("PUT", f"/_matrix/client/v3/rooms/{quote(room)}/send/m.room.message/t{txn}",
-                         token=tokens[sender], body={"msgtype": "m.text", "body": f"message {txn} " + "x" * 60})
+                         token=tokens[sender], body={"msgtype": "m.text", "body": body_text()})
 
         async def sync_all(phase: Phase, expect: int) -> None:
             with phase:
@@ -314,6 +338,9 @@ def main() -> int:
     p.add_argument("--k", type=int, default=5, help="events per /sync in the K phase")
     p.add_argument("--filter", choices=["loadgen", "none"], default="loadgen",
                    help="/sync with loadgen.py's stored filter (as in the benchmarks), or none")
+    p.add_argument("--words", type=int, default=0,
+                   help="words per message body, drawn from a common-word list (0: the old 3-word body)")
+    p.add_argument("--encryption", choices=["on", "off"], default="on", help="encryption at rest")
     p.add_argument("--profile", choices=["send1", "sendN", "sync1", "syncK", "sync0", "longpoll"])
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--callers", action="append", default=[], help="with --profile: who calls functions matching this")
