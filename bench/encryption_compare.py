@@ -63,6 +63,10 @@ def main() -> int:
     p.add_argument("--rooms", type=int, default=20)
     p.add_argument("--room-size", type=int, default=10)
     p.add_argument("--processes", type=int, default=1, help="loadgen worker processes")
+    p.add_argument(
+        "--body-words", type=int, default=0,
+        help="common words added to each message (loadgen.py --body-words; the blind index costs per word)",
+    )
     p.add_argument("--search-rounds", type=int, default=1)
     p.add_argument("--fixed-rounds", type=int, default=3)
     p.add_argument("--fixed-duration", type=float, default=30.0)
@@ -95,6 +99,8 @@ def main() -> int:
         "--processes",
         str(args.processes),
     ]
+    # Passed to loadgen.py directly, and to find_max_rate.py as loadgen arguments.
+    words = ["--body-words", str(args.body_words)] if args.body_words else []
     servers: dict[str, bl.Bastion] = {}  # the long-lived pair (or, with --fresh, the first of each)
     live: list[bl.Bastion] = []
 
@@ -145,6 +151,7 @@ def main() -> int:
                     str(out / mode / f"search-{r + 1}"),
                     "--json-out",
                     str(json_out),
+                    *[f"--loadgen-arg={w}" for w in words],
                     *args.fmr_args,
                 )
                 bl.run_logged(cmd, out / f"{mode}.log")
@@ -182,6 +189,7 @@ def main() -> int:
                         f"{args.fixed_warmup:g}",
                         "--json-out",
                         str(json_out),
+                        *words,
                     )
                     bl.run_logged(cmd, out / f"{mode}.log")
                     done_with(srv)
@@ -248,7 +256,8 @@ def summarise(
     within = {k: (abs(v - 1) <= args.target if v is not None else None) for k, v in ratios.items()}
     return {
         "benchmark": "encryption at rest on vs off",
-        "scenario": {"users": args.users, "rooms": args.rooms, "room_size": args.room_size},
+        "scenario": {"users": args.users, "rooms": args.rooms, "room_size": args.room_size,
+                     "body_words": args.body_words},
         "method": {
             "search": "find_max_rate.py: delivery p99 < 100 ms and no errors",
             "search_rounds": args.search_rounds,
@@ -314,7 +323,8 @@ def render(result: dict[str, Any]) -> str:
 
     lines = [
         f"### Encryption at rest on vs off — {result['scenario']['users']} users, "
-        f"{result['scenario']['rooms']} rooms of {result['scenario']['room_size']}",
+        f"{result['scenario']['rooms']} rooms of {result['scenario']['room_size']}"
+        + (f", messages of 3 + {result['scenario']['body_words']} words" if result["scenario"].get("body_words") else ""),
         "",
         bl.md_table(header, rows),
         "",

@@ -91,6 +91,21 @@ CLIENT_V3 = "/_matrix/client/v3"
 # -- options ----------------------------------------------------------------------------------
 
 
+# Common English words (and a few of an office's), for --body-words: real messages
+# repeat words, and the blind search index writes one row per distinct word.
+VOCABULARY = (
+    "the", "be", "to", "of", "and", "a", "in", "that", "have", "it", "for", "not", "on", "with",
+    "he", "as", "you", "do", "at", "this", "but", "his", "by", "from", "they", "we", "say", "her",
+    "she", "or", "an", "will", "my", "one", "all", "would", "there", "their", "what", "so", "up",
+    "out", "if", "about", "who", "get", "which", "go", "me", "when", "make", "can", "like", "time",
+    "no", "just", "him", "know", "take", "people", "into", "year", "your", "good", "some", "could",
+    "them", "see", "other", "than", "then", "now", "look", "only", "come", "its", "over", "think",
+    "also", "back", "after", "use", "two", "how", "our", "work", "first", "well", "way", "even",
+    "new", "want", "because", "any", "these", "give", "day", "most", "us", "deploy", "server",
+    "release", "meeting", "review", "ticket", "patch", "build", "fix", "test", "customer", "report",
+)
+
+
 @dataclass(frozen=True)
 class Options:
     base_url: str
@@ -117,6 +132,7 @@ class Options:
     setup_concurrency: int
     seed: int
     quiet: bool
+    body_words: int = 0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -195,6 +211,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument(
         "--setup-concurrency", type=int, default=8, help="parallel requests during setup"
     )
+    p.add_argument(
+        "--body-words",
+        type=int,
+        default=0,
+        help="common English words added to each message body (0: only the 3-word tag); "
+        "the blind search index with encryption at rest costs per word",
+    )
     p.add_argument("--seed", type=int, default=1, help="seed for the room membership layout")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     a = p.parse_args(argv)
@@ -230,6 +253,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         send_timeout=a.send_timeout,
         setup_concurrency=a.setup_concurrency,
         seed=a.seed,
+        body_words=max(0, a.body_words),
         quiet=a.quiet,
     )
 
@@ -559,6 +583,7 @@ class WorkerPlan:
     sync_timeout_ms: int
     late_ms: float
     send_timeout: float
+    body_words: int = 0
 
     def owns(self, user: int) -> bool:
         return user % self.count == self.index
@@ -602,6 +627,11 @@ class Worker:
             for a in self.world.accounts
         ]
         self.measure_from_us: float = math.inf  # integer microseconds once the run starts
+        # --body-words: a fixed pool of bodies (built once: no per-send cost on the client).
+        rng = random.Random(plan.index)
+        self.texts = [
+            " ".join(rng.choice(VOCABULARY) for _ in range(plan.body_words)) for _ in range(1000)
+        ] if plan.body_words else []
         self.stopping = False
 
     async def recv(self) -> tuple[Any, ...]:
@@ -697,9 +727,12 @@ class Worker:
         measured: bool,
     ) -> None:
         plan = self.plan
+        body = f"bench {plan.run_id} #{k}"
+        if plan.body_words:
+            body += " " + self.texts[k % len(self.texts)]
         content = {
             "msgtype": "m.text",
-            "body": f"bench {plan.run_id} #{k}",
+            "body": body,
             "bench": {"run": plan.run_id, "k": k, "t": due_us},
         }
         url = URL(
@@ -925,6 +958,7 @@ class Coordinator:
                 sync_timeout_ms=opts.sync_timeout_ms,
                 late_ms=opts.late_ms,
                 send_timeout=opts.send_timeout,
+                body_words=opts.body_words,
             )
             proc = ctx.Process(
                 target=worker_main, args=(plan, child_end), name=f"loadgen-worker-{i}", daemon=True

@@ -54,20 +54,9 @@ import orjson
 import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
 
-
-# Words for --words bodies: common English, so messages repeat words as real ones do.
-VOCABULARY = (
-    "the", "be", "to", "of", "and", "a", "in", "that", "have", "it", "for", "not", "on", "with", "he", "as",
-    "you", "do", "at", "this", "but", "his", "by", "from", "they", "we", "say", "her", "she", "or", "an",
-    "will", "my", "one", "all", "would", "there", "their", "what", "so", "up", "out", "if", "about", "who",
-    "get", "which", "go", "me", "when", "make", "can", "like", "time", "no", "just", "him", "know", "take",
-    "people", "into", "year", "your", "good", "some", "could", "them", "see", "other", "than", "then", "now",
-    "look", "only", "come", "its", "over", "think", "also", "back", "after", "use", "two", "how", "our",
-    "work", "first", "well", "way", "even", "new", "want", "because", "any", "these", "give", "day", "most",
-    "us", "deploy", "server", "release", "meeting", "review", "ticket", "patch", "build", "fix", "test",
-    "customer", "report",
-)
+from loadgen import VOCABULARY, sync_filter  # noqa: E402
 
 
 class App:
@@ -228,9 +217,6 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             rooms.append(room)
         filter_param = ""
         if a.filter == "loadgen":
-            sys.path.insert(0, str(BENCH_DIR))
-            from loadgen import sync_filter
-
             filter_ids = [
                 (await app.ok("POST", f"/_matrix/client/v3/user/{quote(u)}/filter", token=t, body=sync_filter(100)))[
                     "filter_id"]
