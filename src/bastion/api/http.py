@@ -25,7 +25,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qs, unquote
 
 import orjson
@@ -205,7 +205,9 @@ class Request:
         if declared > limit:
             await self._refuse_over(limit, what, 0, True, declared=declared)
 
-    async def _refuse_over(self, limit: int, what: str, read: int, more: bool, *, declared: int | None = None) -> None:
+    async def _refuse_over(
+        self, limit: int, what: str, read: int, more: bool, *, declared: int | None = None
+    ) -> NoReturn:
         """Raise 413 for a body over ``limit``, after reading the rest of it if that is cheap.
 
         Answering while the client is still sending breaks keep-alive: nginx marks
