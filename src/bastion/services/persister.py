@@ -174,10 +174,12 @@ class EventPersister:
                 if lost_track:
                     # Whom the unit concerned is unknown: long-polls compute before waiting.
                     self._notifier.lost_track()
+                # The senders first: a message to a big room wakes its members' long-polls
+                # a batch per turn of the loop, and its sender should not wait for them all.
+                for (_, fut), error in zip(batch, results, strict=True):
+                    if error is None and not fut.done():
+                        fut.set_result(None)
                 self._notifier.notify_users(woken)
-            for (_, fut), error in zip(batch, results, strict=True):
-                if error is None and not fut.done():
-                    fut.set_result(None)
 
     def _publish(self, unit: PersistUnit, woken: set[str], already_applied: int) -> None:
         room = unit.room
