@@ -218,9 +218,13 @@ class Search:
             report = json.loads(out.read_text())
             step = Step(rate, bool(report["passed"]), report, None, seconds)
             d, s = report["deliveries"], report["sends"]
+            by_size = "".join(
+                f"  rooms of {size}: p99 {v['p99']} ms"
+                for size, v in d.get("latency_ms_by_room_size", {}).items()
+            )
             self.log(
                 f"step {index}: {fmt_rate(rate)} msg/s  {'pass' if step.passed else 'FAIL'}  "
-                f"delivery p50/p99 {d['latency_ms']['p50']}/{d['latency_ms']['p99']} ms  "
+                f"delivery p50/p99 {d['latency_ms']['p50']}/{d['latency_ms']['p99']} ms{by_size}  "
                 f"send p99 {s['latency_ms']['p99']} ms  errors {report['errors_total']}  "
                 f"late {s['late']}  server {report['server'].get('cpu_cores')} cores  "
                 f"client {report['client']['cpu_cores']} cores  other {report['machine']['other_cores']} cores  "

@@ -602,6 +602,8 @@ class WorkerResult:
     late: int = 0
     masks: dict[int, int] = field(default_factory=dict)
     delivery_latency: array[float] = field(default_factory=lambda: array("d"))
+    # Members of the room of each delivery above (same order): latency by room size.
+    delivery_room_size: array[int] = field(default_factory=lambda: array("I"))
     duplicates: int = 0
     limited_timelines: int = 0
     sync_requests: int = 0
@@ -618,6 +620,7 @@ class Worker:
         self.result = WorkerResult(plan.index, len(self.mine))
         # Member position of each user in each room, for the per-message delivery bitmask.
         self.position: dict[tuple[int, str], int] = {}
+        self.room_size = {room.room_id: len(room.members) for room in self.world.rooms}
         for room in self.world.rooms:
             for pos, u in enumerate(room.members):
                 self.position[(u, room.room_id)] = pos
@@ -716,6 +719,7 @@ class Worker:
                         continue
                     res.masks[k] = mask | bit
                     res.delivery_latency.append(seen_at - due_us / 1_000_000)
+                    res.delivery_room_size.append(self.room_size[room_id])
 
     async def send_one(
         self,
@@ -1089,6 +1093,10 @@ class Coordinator:
         late = sum(r.late for r in results)
         lateness = sorted(x for r in results for x in r.send_lateness)
         delivery = latency_summary(x for r in results for x in r.delivery_latency)
+        by_size: dict[int, list[float]] = {}
+        for r in results:
+            for latency, size in zip(r.delivery_latency, r.delivery_room_size, strict=True):
+                by_size.setdefault(size, []).append(latency)
         client_cpu = sum(r.cpu_seconds for r in results)
         error_total = send_errors + missing + duplicates + unexpected + sum(sync_errors.values())
         passed = error_total == 0 and delivery["p99"] is not None and delivery["p99"] < opts.p99_ms
@@ -1133,6 +1141,13 @@ class Coordinator:
                 "duplicates": duplicates,
                 "unexpected": unexpected,
                 "latency_ms": delivery,
+                # Worlds with rooms of several sizes (the large scenario): a big room's
+                # fan-out and the small rooms' deliveries, apart.
+                "latency_ms_by_room_size": (
+                    {str(size): latency_summary(v) for size, v in sorted(by_size.items())}
+                    if len(by_size) > 1
+                    else {}
+                ),
                 "missing_sample": missing_sample,
                 "limited_timelines": sum(r.limited_timelines for r in results),
                 "sync_requests": sum(r.sync_requests for r in results),
@@ -1182,6 +1197,10 @@ def summary(report: dict[str, Any]) -> str:
         f"  duplicates {d['duplicates']}  unexpected {d['unexpected']}  limited timelines {d['limited_timelines']}"
         f"  sync errors {d['sync_errors'] or 0}",
         f"  delivery   p50 {dl['p50']} ms  p99 {dl['p99']} ms  max {dl['max']} ms",
+        *(
+            f"    in rooms of {size}: p50 {v['p50']} ms  p99 {v['p99']} ms  max {v['max']} ms"
+            for size, v in d.get("latency_ms_by_room_size", {}).items()
+        ),
         f"  throughput {tp['sends_per_s']} sends/s, {tp['deliveries_per_s']} deliveries/s",
     ]
     if srv.get("cpu_seconds") is not None:

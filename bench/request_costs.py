@@ -20,7 +20,9 @@ time (every thread) divided by the count:
 * ``/sync, nothing new``: the same with nothing new;
 * ``long-poll woken``: every member's ``/sync?timeout=30000`` started, waiting, then
   one message sent that wakes them all: per response, with 1/N of the send in it
-  (subtract ``send, one at a time`` / N for the long-poll's own cost).
+  (subtract ``send, one at a time`` / N for the long-poll's own cost); also the wall
+  time from the send to the last answer and to the send's own answer (with
+  ``--users 1000 --rooms 1 --phases longpoll``: a big room's fan-out).
 
 ``/sync`` uses ``loadgen.py``'s stored filter (``--filter none``: no filter). Message
 bodies have 3 words unless ``--words N`` (common English words); ``--encryption off``
@@ -154,6 +156,8 @@ class Phase:
         self._t0 = 0.0
         self._l0 = 0.0
         self.threads: dict[str, float] = {}
+        self.walls: list[float] = []  # long-poll phase: send to last answer, seconds
+        self.send_walls: list[float] = []  # long-poll phase: the send's own answer, seconds
         self._th0: dict[str, float] = {}
 
     def __enter__(self) -> Phase:
@@ -187,6 +191,8 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     config.setdefault("presence", {})["enabled"] = False
     config.setdefault("limits", {})["sync_pacing_ms"] = 0
     config["encryption"]["enabled"] = a.encryption == "on"
+    # Cheap password hashing: only the set-up logs in; no measured request hashes a password.
+    config["password_hashing"] = {"time_cost": 1, "memory_kib": 8192, "parallelism": 1}
     config_path.write_text(yaml.safe_dump(config))
 
     from bastion.app import create_app
@@ -266,8 +272,12 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
                 ]
                 for _ in range(5):  # let every long-poll reach its wait
                     await asyncio.sleep(0)
+                t0 = time.perf_counter()
                 await send(0, rooms[0])
-                for i, answer in enumerate(await asyncio.gather(*polls)):
+                phase.send_walls.append(time.perf_counter() - t0)
+                answers = await asyncio.gather(*polls)
+                phase.walls.append(time.perf_counter() - t0)
+                for i, answer in enumerate(answers):
                     since[i] = answer["next_batch"]
                     phase.count += 1
 
@@ -280,8 +290,12 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
             "sync0": Phase("/sync, nothing new", profile == "sync0"),
             "longpoll": Phase("long-poll woken (+ 1/N send)", profile == "longpoll"),
         }
+        only = set(a.phases or phases)
         for it in range(a.iterations):
             room = rooms[it % len(rooms)]
+            if only == {"longpoll"}:
+                await long_polls(phases["longpoll"])
+                continue
             with phases["send1"]:
                 await send(it % a.users, room)
                 phases["send1"].count += 1
@@ -301,7 +315,11 @@ async def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         result = {name: {"what": p.name, "calls": p.count, "us_per_call": p.us_per_call(),
                          "loop_us_per_call": p.loop_us_per_call(),
                          "threads_us_per_call": {k: round(1e6 * v / max(p.count, 1), 1)
-                                                 for k, v in sorted(p.threads.items()) if v > 0}} for name, p in phases.items()}
+                                                 for k, v in sorted(p.threads.items()) if v > 0},
+                         **({"wall_ms_median": round(1e3 * sorted(p.walls)[len(p.walls) // 2], 1),
+                             "send_wall_ms_median": round(1e3 * sorted(p.send_walls)[len(p.send_walls) // 2], 1)}
+                            if p.walls else {})}
+                  for name, p in phases.items() if p.count}
         if profile:
             p = phases[profile]
             assert p.profiler is not None
@@ -328,6 +346,8 @@ def main() -> int:
                    help="words per message body, drawn from a common-word list (0: the old 3-word body)")
     p.add_argument("--encryption", choices=["on", "off"], default="on", help="encryption at rest")
     p.add_argument("--profile", choices=["send1", "sendN", "sync1", "syncK", "sync0", "longpoll"])
+    p.add_argument("--phases", choices=["longpoll"], action="append",
+                   help="run only these phases (longpoll alone: a big room's fan-out, e.g. --users 1000 --rooms 1)")
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--callers", action="append", default=[], help="with --profile: who calls functions matching this")
     p.add_argument("--json-out", type=Path)
@@ -344,6 +364,9 @@ def main() -> int:
         print(f"{row['what']:<28} {row['us_per_call']:>9.1f} µs, event loop's thread {row['loop_us_per_call']:>7.1f} µs"
               f"  ({row['calls']} calls)")
         print(f"{'':<28} by thread (µs): {row['threads_us_per_call']}")
+        if "wall_ms_median" in row:
+            print(f"{'':<28} send to the last answer: {row['wall_ms_median']} ms, to the send's own answer:"
+                  f" {row['send_wall_ms_median']} ms (medians)")
     if profile:
         print(profile)
     if a.json_out:

@@ -52,14 +52,16 @@ import benchlib as bl
 DEFAULT = "bastion-sqlite,bastion-pg,bastion-pg-2w,synapse-pg"
 
 
-def make_server(name: str, root: Path) -> bl.Server:
+def make_server(name: str, root: Path, bastion_overrides: dict[str, Any] | None = None) -> bl.Server:
+    """The server of layout ``name``; ``bastion_overrides``: config keys for Bastion layouts."""
     if name == "bastion-sqlite":
-        return bl.Bastion(name, root)
+        return bl.Bastion(name, root, overrides=bastion_overrides)
     m = re.fullmatch(r"bastion-pg(?:-(\d+)w)?(-async)?", name)
     if m:
         return bl.Bastion(
             name,
             root,
+            overrides=bastion_overrides,
             database="postgresql",
             workers=int(m.group(1) or 1),
             pg_settings={"synchronous_commit": "off"} if m.group(2) else None,
