@@ -55,9 +55,13 @@ SYNAPSE_VENV = Path(os.environ.get("SYNAPSE_VENV", str(BENCH_DIR / ".venv-synaps
 SYNAPSE_SPEC = os.environ.get("SYNAPSE_SPEC", "matrix-synapse==1.163.2")
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://bastion:bastion@localhost/postgres")
 PRESENCE = os.environ.get("BENCH_PRESENCE", "off") == "on"
+# Bastion's password hashing made cheap where only a set-up logs in (no measured request
+# checks a password): large_scenario.py's 2,000 registrations, request_costs.py's logins.
+CHEAP_PASSWORD_HASHING = {"time_cost": 1, "memory_kib": 8192, "parallelism": 1}
 
 __all__ = [
     "BENCH_DIR",
+    "CHEAP_PASSWORD_HASHING",
     "Bastion",
     "PgDatabase",
     "Server",

@@ -411,7 +411,7 @@ def one_server(name: str, root: Path, out: Path, args: argparse.Namespace) -> di
             node = node.setdefault(key, {})
         node[leaf] = yaml.safe_load(value)
     if args.cheap_passwords:
-        overrides["password_hashing"] = {"time_cost": 1, "memory_kib": 8192, "parallelism": 1}
+        overrides["password_hashing"] = dict(bl.CHEAP_PASSWORD_HASHING)
     if name == "bastion":
         srv = bl.Bastion("bastion", root, overrides=overrides)
     elif name.startswith("bastion-"):
@@ -472,19 +472,18 @@ def one_server(name: str, root: Path, out: Path, args: argparse.Namespace) -> di
 
         # (iii) message rate
         if args.search:
-            search_state = state
+            search_state, search_rooms = state, world.rooms_count
             if args.search_rooms != "all" and len(world.rooms) > args.small_rooms:
                 part = world.rooms[: args.small_rooms] if args.search_rooms == "small" else world.rooms[-1:]
                 sub = World(**{**world.__dict__, "rooms": part})
-                sub.rooms_count = len(sub.rooms)
+                sub.rooms_count = search_rooms = len(sub.rooms)
                 search_state = out / name / f"state-{args.search_rooms}.json"
                 search_state.write_text(json.dumps(sub.to_json()))
             bl.wait_idle(srv.server_pids())
             json_out = out / f"{name}-search.json"
             fmr_args = list(args.fmr_args)
             if not any(x.startswith("--min-messages") for x in fmr_args):
-                rooms = json.loads(search_state.read_text())["rooms_count"]
-                fmr_args += ["--min-messages", str(max(2 * rooms, 150))]  # 150: find_max_rate's default
+                fmr_args += ["--min-messages", str(max(2 * search_rooms, 150))]  # 150: find_max_rate's default
             bl.run_logged(
                 bl.find_max_rate_cmd(
                     srv,
@@ -499,7 +498,11 @@ def one_server(name: str, root: Path, out: Path, args: argparse.Namespace) -> di
                 out / f"{name}.log",
             )
             found = json.loads(json_out.read_text()) if json_out.exists() else None
-            result["search"] = {"rooms": args.search_rooms, **bl.search_summary(found)}
+            result["search"] = {
+                "rooms": args.search_rooms,
+                "p99_ms_below": (found or {}).get("criterion", {}).get("delivery_p99_ms_below"),
+                **bl.search_summary(found),
+            }
     except Exception as exc:
         bl.log(f"{name}: {type(exc).__name__}: {exc}")
         result["error"] = f"{type(exc).__name__}: {exc}"
@@ -606,13 +609,11 @@ def main() -> int:
 
 def render(result: dict[str, Any]) -> str:
     m = result["method"]
-    fmr = m.get("find_max_rate_args", [])
-    p99_bound = "100"  # find_max_rate.py's default, unless given after --
-    for i, arg in enumerate(fmr):
-        if arg == "--p99-ms" and i + 1 < len(fmr):
-            p99_bound = fmr[i + 1]
-        elif arg.startswith("--p99-ms="):
-            p99_bound = arg.split("=", 1)[1]
+    # The bound the searches applied (find_max_rate.py records it; 100 ms by default).
+    bounds = sorted(
+        {r["search"]["p99_ms_below"] for r in result["servers"].values() if r.get("search", {}).get("p99_ms_below")}
+    )
+    p99_bound = " / ".join(f"{b:g}" for b in bounds) or "100"
     config_note = (" Bastion config overrides: " + ", ".join(m["bastion_config"]) + ".") if m.get("bastion_config") else ""
     header = [
         "server",
