@@ -224,6 +224,17 @@ def start_server(directory: Path, db: TestDatabase, workers: int | None = None, 
     return srv
 
 
+def metric_total(metrics_port: int, name: str, workers: int = 1) -> float:
+    """An unlabelled metric summed over the workers' metrics listeners (worker i serves
+    on ``metrics_port + i``)."""
+    total = 0.0
+    for i in range(workers):
+        for line in httpx.get(f"http://127.0.0.1:{metrics_port + i}/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                total += float(line.split()[1])
+    return total
+
+
 def cluster_workers() -> int:
     """``BASTION_TEST_WORKERS=3`` runs every test server as 3 workers + Redis + nginx."""
     return int(os.environ.get("BASTION_TEST_WORKERS", "1") or "1")

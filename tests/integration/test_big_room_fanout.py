@@ -13,7 +13,14 @@ import httpx
 import pytest
 
 from bastion.streams.notifier import WAKE_BATCH
-from tests.harness import MatrixHttp, ServerProcess, TestDatabase, free_port, start_server
+from tests.harness import (
+    MatrixHttp,
+    ServerProcess,
+    TestDatabase,
+    free_port,
+    metric_total,
+    start_server,
+)
 
 MEMBERS = 4 * WAKE_BATCH
 
@@ -31,13 +38,6 @@ def one_worker(tmp_path: Path, test_database: TestDatabase) -> Any:
     srv.stop()
 
 
-def _waiting(metrics_port: int) -> float:
-    for line in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text.splitlines():
-        if line.startswith("bastion_sync_waiting "):
-            return float(line.split()[1])
-    return 0.0
-
-
 async def _fan_out(srv: ServerProcess, metrics_port: int, sender: MatrixHttp, room: str,
                    members: list[tuple[MatrixHttp, str]]) -> tuple[float, list[float], list[Any]]:
     url = srv.base_url + "/_matrix/client/v3/sync"
@@ -51,7 +51,7 @@ async def _fan_out(srv: ServerProcess, metrics_port: int, sender: MatrixHttp, ro
 
         polls = [asyncio.create_task(poll(m, since)) for m, since in members]
         deadline = time.monotonic() + 20
-        while _waiting(metrics_port) < len(members):
+        while metric_total(metrics_port, "bastion_sync_waiting") < len(members):
             assert time.monotonic() < deadline, "the long-polls never all started waiting"
             await asyncio.sleep(0.05)
         resp = await http.put(
@@ -69,12 +69,11 @@ def test_a_big_rooms_sender_is_answered_before_the_fan_out_ends(one_worker) -> N
     srv, metrics_port = one_worker
     sender = srv.client().register()
     room = sender.create_room(preset="public_chat")
-    members: list[tuple[MatrixHttp, str]] = []
-    for _ in range(MEMBERS):
-        member = sender.new_user()
+    joined = [sender.new_user() for _ in range(MEMBERS)]
+    for member in joined:
         member.join(room)
-        members.append((member, ""))
-    members = [(m, m.sync()["next_batch"]) for m, _ in members]
+    # Each member's token after every join: the long-polls then wait for the message.
+    members = [(m, m.sync()["next_batch"]) for m in joined]
 
     sent_at, answered_at, bodies = asyncio.run(_fan_out(srv, metrics_port, sender, room, members))
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.harness import MatrixHttp, ServerProcess, cluster_workers, free_port
+from tests.harness import MatrixHttp, ServerProcess, cluster_workers, free_port, metric_total
 
 
 def test_acknowledged_events_survive_sigkill_and_txn_ids_persist(make_server) -> None:
@@ -234,12 +234,7 @@ def test_long_poll_is_abandoned_when_the_client_hangs_up(make_server) -> None:
     workers = len(getattr(srv, "worker_ports", [None]))
 
     def waiting() -> float:
-        total = 0.0
-        for i in range(workers):
-            for line in httpx.get(f"http://127.0.0.1:{metrics_port + i}/metrics").text.splitlines():
-                if line.startswith("bastion_sync_waiting "):
-                    total += float(line.split()[1])
-        return total
+        return metric_total(metrics_port, "bastion_sync_waiting", workers)
 
     def poll_and_hang_up() -> None:
         with contextlib.suppress(httpx.ReadTimeout):
