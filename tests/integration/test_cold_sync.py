@@ -20,6 +20,7 @@ from bastion.services.caches import EventCache, RoomCache
 from bastion.settings import load_settings
 from bastion.storage import events as events_store
 from bastion.storage import relations as relations_store
+from bastion.storage.database import Txn
 from tests.harness import MatrixHttp, ServerProcess
 
 FILTERS = {
@@ -236,3 +237,45 @@ def test_in_memory_state_and_relations_agree_with_the_database(make_server) -> N
             await db.close()
 
     asyncio.run(check())
+
+
+def test_loading_many_rooms_takes_a_few_statements_not_a_few_per_room(make_server, test_database, monkeypatch) -> None:
+    """A cold initial sync loads its rooms' snapshots in batches. On PostgreSQL every
+    statement is a network round trip, so a batch of rooms must take about as many
+    statements as its costliest room alone (keys for decryption included), not a few more
+    per room: at most two more, for reads only some rooms need (state older than the
+    newest events, redaction events), which a batch makes once for all of its rooms.
+    SQLite runs in-process and may spend one statement per room on the newest events."""
+    srv: ServerProcess = make_server()
+    alice, bob, carol = (srv.client().register() for _ in range(3))
+    rooms = list(_build_rooms(alice, bob, carol).values())
+    srv.stop()
+    counted: list[str] = []
+    for method in ("execute", "fetchone", "fetchall", "fetchval"):
+        original = getattr(Txn, method)
+
+        def counting(self: Txn, sql: str, params: Any = (), _original: Any = original) -> Any:
+            counted.append(sql)
+            return _original(self, sql, params)
+
+        monkeypatch.setattr(Txn, method, counting)
+
+    async def statements_to_load(room_ids: list[str]) -> int:
+        db = open_migrated_database(load_settings(srv.config_path))  # fresh caches and keyring
+        try:
+            cache = RoomCache(db, EventCache(db))
+            counted.clear()
+            snapshots = await cache.get_many(room_ids)
+            assert set(snapshots) == set(room_ids)
+            assert all(snap.recent and snap.state for snap in snapshots.values())
+            return len(counted)
+        finally:
+            await db.close()
+
+    assert len(rooms) >= 5
+    costliest = max(asyncio.run(statements_to_load([room])) for room in rooms)
+    every = asyncio.run(statements_to_load(rooms))
+    per_room = 0 if test_database.is_postgres else 1
+    assert every <= costliest + 2 + per_room * (len(rooms) - 1), (
+        f"{every} statements for {len(rooms)} rooms; the costliest room alone takes {costliest}"
+    )

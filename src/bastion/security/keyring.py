@@ -18,9 +18,11 @@ import hmac
 import secrets
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from bastion.security.crypto import (
+    HEADER,
     SUITES,
     AesGcm,
     IntegrityError,
@@ -134,6 +136,37 @@ class Keyring:
         with self._lock:
             self._by_id[dek_id] = aead
         return aead
+
+    def preload(self, txn: Txn, blobs: Iterable[Any]) -> None:
+        """Unwrap the data keys of ``blobs`` not in memory yet, all with one query.
+
+        Reading many rows of many scopes at once (the rooms of a cold initial sync) would
+        otherwise look up each room's key on its first row: a database round trip per
+        room. Keys that are missing or destroyed are left for :meth:`decrypt` to report."""
+        known = self._by_id
+        pending = txn.scratch.get("deks", {})
+        wanted: set[int] = set()
+        for blob in blobs:
+            if blob is not None and len(blob) >= HEADER and is_encrypted(blob):
+                dek_id = int.from_bytes(blob[4:12], "big")
+                if dek_id not in known and dek_id not in pending:
+                    wanted.add(dek_id)
+        if not wanted:
+            return
+        where, params = txn.any_of("id", sorted(wanted))
+        rows = txn.fetchall(
+            "SELECT id, scope, scope_id, version, suite, wrapped, kek_id FROM encryption_keys "
+            f"WHERE {where} AND state <> 'destroyed'",
+            params,
+        )
+        unwrapped = {}
+        for row in rows:
+            try:
+                unwrapped[row[0]] = self._unwrap(row)
+            except IntegrityError:
+                continue  # reported for the rows it seals, when they are decrypted
+        with self._lock:
+            self._by_id.update(unwrapped)
 
     def _active_key(self, txn: Txn, scope: str, scope_id: str) -> tuple[int, AeadT]:
         cached = self._active.get((scope, scope_id))

@@ -16,6 +16,7 @@ meanwhile share one response.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -295,9 +296,15 @@ class SyncService:
             return {}
         user = req.requester.user_id
         rooms = await self._rooms.get_many(wanted)
-        await self._receipts.preload(rooms)
-        await self._push.unread_counts_many(list(rooms.values()), user, token.events)
-        return await self._db.read(events_store.get_membership_histories, list(rooms), user)
+
+        async def unread_counts() -> None:
+            await self._receipts.preload(rooms)  # the counts start at the user's receipts
+            await self._push.unread_counts_many(list(rooms.values()), user, token.events)
+
+        histories, _ = await asyncio.gather(
+            self._db.read(events_store.get_membership_histories, list(rooms), user), unread_counts()
+        )
+        return histories
 
     @staticmethod
     def _joined_in_full(

@@ -101,6 +101,14 @@ class Txn:
         """Placeholders for an IN (...) list of ``len(values)`` items."""
         return ",".join("?" * len(values))
 
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """A condition "``column`` is one of ``values``" and its parameters: ``IN (?, ...)``
+        on SQLite; ``= ANY(?)`` with one array on PostgreSQL, so the statement's text does
+        not depend on how many values there are and it is prepared once."""
+        if self.dialect == "sqlite":
+            return f"{column} IN ({self.in_list(values)})", list(values)
+        return f"{column} = ANY(?)", [list(values)]
+
 
 class Database:
     """Runs transactions on worker threads. Subclasses implement one engine each."""

@@ -56,6 +56,8 @@ def _load_rows(txn: Txn, rows: Sequence[Sequence[Any]], strict: bool = False) ->
     as is any failure when ``strict`` (one event asked for by ID)."""
     events: list[Event] = []
     kept: list[Sequence[Any]] = []
+    if txn.crypto is not None and len(rows) > 1:
+        txn.crypto.preload(txn, (row[2] for row in rows))
     for row in rows:
         try:
             events.append(_row_to_event(txn, row))
@@ -130,6 +132,35 @@ def get_room_events(
     return _load_rows(txn, rows)
 
 
+def newest_events_many(
+    txn: Txn, room_ids: Sequence[str], limit: int
+) -> dict[str, tuple[list[Event], tuple[str, int, int]]]:
+    """For each room that has events: its ``limit`` newest events, oldest first, and
+    (event_id, depth, stream_ordering) of the newest, as :func:`latest_room_event` gives it
+    (read from the row, so a damaged newest event still counts).
+
+    PostgreSQL reads every room in one statement (a lateral join: one index walk per room);
+    SQLite runs in-process, where one statement per room costs microseconds."""
+    columns = f"{_EVENT_COLUMNS}, e.depth, e.room_id"
+    newest_first = f"SELECT {columns} FROM {_FROM} WHERE e.room_id = ? ORDER BY e.stream_ordering DESC LIMIT ?"
+    if not room_ids:
+        return {}
+    if txn.dialect == "sqlite":
+        rows = [row for room_id in room_ids for row in txn.fetchall(newest_first, (room_id, limit))]
+    else:
+        rows = txn.fetchall(
+            f"SELECT x.* FROM unnest(?::text[]) AS q(room_id) CROSS JOIN LATERAL "
+            f"({newest_first.replace('e.room_id = ?', 'e.room_id = q.room_id')}) AS x",
+            (list(room_ids), limit),
+        )
+    rows.sort(key=lambda r: r[0])  # oldest first, whatever order the rooms came back in
+    latest: dict[str, tuple[str, int, int]] = {r[11]: (r[1], r[10], r[0]) for r in rows}  # the last row wins
+    out: dict[str, tuple[list[Event], tuple[str, int, int]]] = {room_id: ([], top) for room_id, top in latest.items()}
+    for event in _load_rows(txn, rows):
+        out[event.room_id][0].append(event)
+    return out
+
+
 def recent_events_in_rooms(txn: Txn, room_ids: Sequence[str], before: int | None, limit: int, not_sender: str) -> list[Event]:
     """Newest events (not sent by ``not_sender``) across ``room_ids``, before a position."""
     if not room_ids:
@@ -171,20 +202,32 @@ def latest_room_event(txn: Txn, room_id: str) -> tuple[str, int, int] | None:
 
 
 def last_event_by_sender(txn: Txn, room_id: str) -> dict[str, int]:
-    """Each member's newest event in the room outside threads. Everyone who ever sent an
-    event into the room has a member event (the auth rules let only members send), so
-    one lookup per member on ``events_room_sender`` — walked from the newest, stopping
-    at the first event not in a thread — finds them all without reading the room's
-    history."""
+    """:func:`last_event_by_sender_many` for one room."""
+    return last_event_by_sender_many(txn, [room_id]).get(room_id, {})
+
+
+def last_event_by_sender_many(txn: Txn, room_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Each member's newest event outside threads, for each room, in one statement.
+    Everyone who ever sent an event into a room has a member event (the auth rules let
+    only members send), so one lookup per member on ``events_room_sender`` — walked from
+    the newest, stopping at the first event not in a thread — finds them all without
+    reading the rooms' history."""
+    if not room_ids:
+        return {}
+    where, params = txn.any_of("m.room_id", room_ids)
     rows = txn.fetchall(
-        "SELECT m.state_key, (SELECT e.stream_ordering FROM events e"
+        "SELECT m.room_id, m.state_key, (SELECT e.stream_ordering FROM events e"
         " WHERE e.room_id = m.room_id AND e.sender = m.state_key"
         " AND (e.rel_type IS NULL OR e.rel_type <> 'm.thread')"
         " ORDER BY e.stream_ordering DESC LIMIT 1)"
-        " FROM current_state m WHERE m.room_id = ? AND m.type = 'm.room.member'",
-        (room_id,),
+        f" FROM current_state m WHERE {where} AND m.type = 'm.room.member'",
+        params,
     )
-    return {r[0]: r[1] for r in rows if r[1] is not None}
+    out: dict[str, dict[str, int]] = {}
+    for room_id, user_id, position in rows:
+        if position is not None:
+            out.setdefault(room_id, {})[user_id] = position
+    return out
 
 
 def last_thread_posts(txn: Txn, user_id: str, wanted: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -207,9 +250,17 @@ def last_thread_posts(txn: Txn, user_id: str, wanted: Sequence[tuple[str, str]])
 # -- state ------------------------------------------------------------------------------
 
 
-def get_current_state_ids(txn: Txn, room_id: str) -> dict[StateKey, str]:
-    rows = txn.fetchall("SELECT type, state_key, event_id FROM current_state WHERE room_id = ?", (room_id,))
-    return {(r[0], r[1]): r[2] for r in rows}
+def get_current_state_ids_many(txn: Txn, room_ids: Sequence[str]) -> dict[str, dict[StateKey, str]]:
+    """The current state's event IDs of each room, in one statement (rooms without state left out)."""
+    if not room_ids:
+        return {}
+    where, params = txn.any_of("room_id", room_ids)
+    out: dict[str, dict[StateKey, str]] = {}
+    for room_id, type_, state_key, event_id in txn.fetchall(
+        f"SELECT room_id, type, state_key, event_id FROM current_state WHERE {where}", params
+    ):
+        out.setdefault(room_id, {})[(type_, state_key)] = event_id
+    return out
 
 
 def get_state_ids_at(txn: Txn, room_id: str, position: int, types: Iterable[StateKey] | None = None) -> dict[StateKey, str]:
@@ -255,30 +306,41 @@ def membership_changes(txn: Txn, room_id: str, after: int, upto: int) -> list[tu
 
 
 def get_membership_history(txn: Txn, room_id: str, user_id: str) -> list[tuple[int, str]]:
-    rows = txn.fetchall(
-        "SELECT stream_ordering, membership FROM events WHERE room_id = ? AND type = 'm.room.member' "
-        "AND state_key = ? ORDER BY stream_ordering",
-        (room_id, user_id),
-    )
-    return [(r[0], r[1] or "leave") for r in rows]
+    """(stream ordering, membership) of each of the user's member events in the room, oldest first."""
+    return get_membership_histories(txn, [room_id], user_id)[room_id]
 
 
 def get_membership_histories(txn: Txn, room_ids: Sequence[str], user_id: str) -> dict[str, list[tuple[int, str]]]:
-    """:func:`get_membership_history` for several rooms in one transaction."""
-    return {room_id: get_membership_history(txn, room_id, user_id) for room_id in room_ids}
-
-
-def get_visibility_history(txn: Txn, room_id: str) -> list[tuple[int, Any]]:
-    """(stream_ordering, raw history_visibility content value) for every change."""
+    """:func:`get_membership_history` for several rooms in one statement."""
+    out: dict[str, list[tuple[int, str]]] = {room_id: [] for room_id in room_ids}
+    if not room_ids:
+        return out
+    where, params = txn.any_of("room_id", room_ids)
     rows = txn.fetchall(
-        "SELECT stream_ordering, json, event_id FROM events WHERE room_id = ? AND type = 'm.room.history_visibility' "
-        "AND state_key = '' ORDER BY stream_ordering",
-        (room_id,),
+        f"SELECT room_id, stream_ordering, membership FROM events WHERE {where} AND type = 'm.room.member' "
+        "AND state_key = ? ORDER BY stream_ordering",
+        [*params, user_id],
     )
-    out = []
-    for position, blob, event_id in rows:
+    for room_id, position, membership in rows:
+        out[room_id].append((position, membership or "leave"))
+    return out
+
+
+def get_visibility_histories(txn: Txn, room_ids: Sequence[str]) -> dict[str, list[tuple[int, Any]]]:
+    """(stream ordering, raw ``history_visibility`` content value) of every change, for
+    each room, in one statement."""
+    out: dict[str, list[tuple[int, Any]]] = {room_id: [] for room_id in room_ids}
+    if not room_ids:
+        return out
+    where, params = txn.any_of("room_id", room_ids)
+    rows = txn.fetchall(
+        f"SELECT room_id, stream_ordering, json, event_id FROM events WHERE {where} "
+        "AND type = 'm.room.history_visibility' AND state_key = '' ORDER BY stream_ordering",
+        params,
+    )
+    for room_id, position, blob, event_id in rows:
         pdu = orjson.loads(unseal(txn, f"event|{event_id}|json", blob))
-        out.append((position, pdu.get("content", {}).get("history_visibility")))
+        out[room_id].append((position, pdu.get("content", {}).get("history_visibility")))
     return out
 
 
