@@ -526,7 +526,7 @@ def ensure_synapse(postgres: bool = False, redis: bool = False) -> str:
     ``redis`` extra for its workers) on first use."""
     py = SYNAPSE_VENV / "bin" / "python"
     pip = [str(SYNAPSE_VENV / "bin" / "pip"), "install", "-q"]
-    if subprocess.run([str(py), "-c", "import synapse"], capture_output=True).returncode != 0:
+    if not py.exists() or subprocess.run([str(py), "-c", "import synapse"], capture_output=True).returncode != 0:
         log(f"installing {SYNAPSE_SPEC} into {SYNAPSE_VENV}")
         subprocess.run(
             [os.environ.get("PYTHON", "python3"), "-m", "venv", str(SYNAPSE_VENV)], check=True

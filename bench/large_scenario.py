@@ -3,7 +3,8 @@
 
 For each server (``--servers``, default Bastion then Synapse, one after the other, each
 fresh, SQLite, presence off; scale-out.py's Bastion layouts are accepted too, e.g.
-``bastion-pg-2w-async``: two workers on PostgreSQL with Redis behind nginx) this script:
+``bastion-pg-2w-async``: two workers on PostgreSQL with Redis behind nginx, and
+``synapse-pg``: Synapse on PostgreSQL) this script:
 
 **Setup.** Registers ``--users`` (2,000) accounts with the shared-secret admin API and
 one extra *heavy* user, uploads the load generator's /sync filter for each (timeline
@@ -417,9 +418,10 @@ def one_server(name: str, root: Path, out: Path, args: argparse.Namespace) -> di
     elif name.startswith("bastion-"):
         # scaleout.py's layouts: bastion-pg, bastion-pg-2w-async, ...
         srv = scaleout.make_server(name, root, overrides)
-    elif name == "synapse":
+    elif name in ("synapse", "synapse-pg"):
         extra = ["--bcrypt-rounds", "4"] if args.cheap_passwords else []
-        srv = bl.Synapse("synapse", root, extra_args=extra)
+        database = "postgresql" if name == "synapse-pg" else "sqlite"
+        srv = bl.Synapse(name, root, database=database, extra_args=extra)
     else:
         raise SystemExit(f"unknown server {name!r}")
     result: dict[str, Any] = {"server": srv.describe()}
