@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 from bastion.app import open_migrated_database
+from bastion.services import caches
 from bastion.services.caches import EventCache, RoomCache
 from bastion.settings import load_settings
 from bastion.storage import events as events_store
@@ -279,3 +280,61 @@ def test_loading_many_rooms_takes_a_few_statements_not_a_few_per_room(make_serve
     assert every <= costliest + 2 + per_room * (len(rooms) - 1), (
         f"{every} statements for {len(rooms)} rooms; the costliest room alone takes {costliest}"
     )
+
+
+def test_concurrent_cold_loads_of_the_same_rooms_share_one_load(make_server) -> None:
+    """Several requests that need the same cold rooms at once (initial syncs of members of
+    one room after a restart) get the same snapshots, each room read once, and no error:
+    a request that finds a room being loaded waits for that load instead of starting a
+    second one."""
+    srv: ServerProcess = make_server()
+    alice, bob, carol = (srv.client().register() for _ in range(3))
+    rooms = list(_build_rooms(alice, bob, carol).values())
+    srv.stop()
+
+    async def check() -> None:
+        db = open_migrated_database(load_settings(srv.config_path))
+        try:
+            cache = RoomCache(db, EventCache(db))
+            orders = [rooms, rooms[::-1], rooms[1:3], rooms[2:], rooms[:1] + rooms[-1:]]
+            results = await asyncio.gather(*(cache.get_many(order) for order in orders))
+            for order, found in zip(orders, results, strict=True):
+                assert set(found) == set(order)
+                for room_id, snap in found.items():
+                    assert snap is results[0][room_id]  # one snapshot per room, shared
+        finally:
+            await db.close()
+
+    asyncio.run(check())
+
+
+def test_a_cancelled_cold_load_leaves_no_room_marked_as_loading(make_server, monkeypatch) -> None:
+    """A request cancelled (its client hung up) while its rooms are loading, some batches
+    not even started, must not leave those rooms marked as loading: the next request for
+    them would wait forever."""
+    srv: ServerProcess = make_server()
+    alice, bob, carol = (srv.client().register() for _ in range(3))
+    rooms = list(_build_rooms(alice, bob, carol).values())
+    srv.stop()
+    monkeypatch.setattr(caches, "LOAD_BATCH", 1)  # one batch per room
+    monkeypatch.setattr(caches, "LOAD_PARALLEL", {"sqlite": 1, "postgres": 1})  # the others wait their turn
+
+    async def check() -> None:
+        db = open_migrated_database(load_settings(srv.config_path))
+        try:
+            cache = RoomCache(db, EventCache(db))
+            first = asyncio.ensure_future(cache.get_many(rooms))
+            while not cache._loading:  # the loads are registered, the first is reading
+                await asyncio.sleep(0)
+            first.cancel()
+            try:
+                await first
+            except asyncio.CancelledError:
+                pass
+            assert cache._loading == {}
+            found = await asyncio.wait_for(cache.get_many(rooms), timeout=30)
+            assert set(found) == set(rooms)
+        finally:
+            await db.close()
+
+    asyncio.run(check())

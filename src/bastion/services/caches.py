@@ -395,43 +395,58 @@ class RoomCache:
                 waiting[room_id] = self._loading[room_id]
             else:
                 to_load.append(room_id)
+        # Every room this call will load is marked as loading before the first await, so a
+        # concurrent call waits for it instead of loading it a second time.
         loop = asyncio.get_running_loop()
+        futures = {room_id: loop.create_future() for room_id in to_load}
+        self._loading.update(futures)
+        for room_id in to_load:
+            self._arrived[room_id] = []
+        gate = asyncio.Semaphore(LOAD_PARALLEL[self._db.dialect])
 
         async def load(batch: list[str]) -> None:
-            futures = {room_id: loop.create_future() for room_id in batch}
-            self._loading.update(futures)
-            for room_id in batch:
-                self._arrived[room_id] = []
             try:
-                while True:
-                    seen = self._events.redactions
-                    loaded = await self._db.read(_load_rooms_txn, batch)
-                    if not self._events.redacted_since(seen, _loaded_event_ids(loaded)):
-                        break
-                    # An event read was redacted meanwhile: the copy read may predate it.
-                for room_id, fut in futures.items():
+                async with gate:
+                    while True:
+                        seen = self._events.redactions
+                        loaded = await self._db.read(_load_rooms_txn, batch)
+                        if not self._events.redacted_since(seen, _loaded_event_ids(loaded)):
+                            break
+                        # An event read was redacted meanwhile: the copy read may predate it.
+                for room_id in batch:
                     snap = self._snapshot(room_id, loaded[room_id])
-                    fut.set_result(snap)
+                    futures[room_id].set_result(snap)
                     if snap is not None:
                         found[room_id] = snap
             except BaseException as exc:
-                for fut in futures.values():
+                for room_id in batch:
+                    fut = futures[room_id]
                     if not fut.done():
                         fut.set_exception(exc)
                         fut.exception()  # mark retrieved
                 raise
             finally:
-                for room_id in batch:
+                release(batch)
+
+        def release(room_ids: list[str]) -> None:
+            for room_id in room_ids:
+                if self._loading.get(room_id) is futures[room_id]:
                     del self._loading[room_id]
                     del self._arrived[room_id]
 
-        gate = asyncio.Semaphore(LOAD_PARALLEL[self._db.dialect])
-
-        async def gated(batch: list[str]) -> None:
-            async with gate:
-                await load(batch)
-
-        await asyncio.gather(*(gated(to_load[i : i + LOAD_BATCH]) for i in range(0, len(to_load), LOAD_BATCH)))
+        batches = [to_load[i : i + LOAD_BATCH] for i in range(0, len(to_load), LOAD_BATCH)]
+        try:
+            outcomes = await asyncio.gather(*(load(batch) for batch in batches), return_exceptions=True)
+        finally:
+            # A load that never started (this call was cancelled first) ran no code of its
+            # own: its rooms are released here, and whoever waits for them is cancelled, as
+            # when a started load is.
+            for fut in futures.values():
+                fut.cancel()  # no effect on a finished one
+            release(to_load)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         for room_id, pending in waiting.items():
             snap = await asyncio.shield(pending)
             if snap is not None:
