@@ -40,6 +40,22 @@ def test_stored_filter_round_trip_and_use(pair) -> None:
     assert err.value.status == 400
 
 
+def test_timeline_type_filter_finds_a_message_behind_many_other_events(pair) -> None:
+    """A filter for m.room.message in a room whose newest hundreds of events are of other
+    types (a big room's joins, say) still finds the room's message, and the timeline is
+    not limited when there is nothing more to find: the types are selected in the
+    database query, not by reading a bounded number of every kind of event."""
+    alice, _ = pair
+    room = alice.create_room()
+    alice.send(room, "the one message")
+    for i in range(260):  # more than the recent events in memory and five scan rounds of 30
+        alice.send(room, {"n": i}, event_type="org.example.noise")
+    flt = json.dumps({"room": {"timeline": {"limit": 10, "types": ["m.room.message"]}}})
+    timeline = joined(alice.sync(filter=flt), room)["timeline"]
+    assert [e["content"]["body"] for e in timeline["events"]] == ["the one message"]
+    assert timeline["limited"] is False
+
+
 def test_initial_sync_state_is_at_start_of_timeline(pair) -> None:
     alice, _ = pair
     room = alice.create_room(name="old name")

@@ -63,6 +63,10 @@ class EventFilter:
     lazy_load_members: bool = False
     include_redundant_members: bool = False
     unread_thread_notifications: bool = False
+    # Derived (in __post_init__): the event types a database query may select on
+    # (``type IN (...)``) when the filter names them exactly (no ``*``); None: every type
+    # has to be read and matched.
+    exact_types: list[str] | None = field(init=False, default=None, repr=False, compare=False)
 
     @classmethod
     def parse(cls, obj: Any, where: str, room_filter: bool = False) -> EventFilter:
@@ -103,6 +107,8 @@ class EventFilter:
             and self.contains_url is None
         )
         object.__setattr__(self, "is_trivial", trivial)
+        exact = self.types is not None and not any("*" in t for t in self.types)
+        object.__setattr__(self, "exact_types", sorted(set(self.types or ())) if exact else None)
 
     def allows_room(self, room_id: str) -> bool:
         if room_id in self._not_rooms:  # type: ignore[attr-defined]

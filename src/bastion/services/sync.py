@@ -441,8 +441,17 @@ class SyncService:
         if not reached_low and position > low:
             batch = limit * 2 + 10
             for _ in range(MAX_DB_SCAN_ROUNDS):
+                # A filter that names its types exactly selects them in the query: the
+                # scan then does not read (and decrypt) a big room's member events to
+                # find its few messages.
                 chunk = await self._db.read(
-                    events_store.get_room_events, room.room_id, after=low, upto=position, limit=batch, backwards=True
+                    events_store.get_room_events,
+                    room.room_id,
+                    after=low,
+                    upto=position,
+                    limit=batch,
+                    backwards=True,
+                    types=tfilter.exact_types,
                 )
                 for event in self._cache.canonical(chunk):
                     position = event.stream_ordering - 1

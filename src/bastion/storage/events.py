@@ -112,10 +112,18 @@ def get_room_events(
     upto: int | None = None,
     limit: int,
     backwards: bool,
+    types: Sequence[str] | None = None,
 ) -> list[Event]:
-    """Events with ``after < stream_ordering <= upto``, newest first if ``backwards``."""
+    """Events with ``after < stream_ordering <= upto``, newest first if ``backwards``;
+    only events of ``types`` if given."""
     clauses = ["e.room_id = ?"]
     params: list[Any] = [room_id]
+    if types is not None:
+        if not types:
+            return []
+        where, type_params = txn.any_of("e.type", types)
+        clauses.append(where)
+        params += type_params
     if after is not None:
         clauses.append("e.stream_ordering > ?")
         params.append(after)
