@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -139,6 +140,23 @@ def test_limited_timeline_and_backfill_with_prev_batch(alice: MatrixHttp, bob: M
     )
     bodies = [e["content"]["body"] for e in page["chunk"] if e["type"] == "m.room.message"]
     assert bodies == [f"m{i}" for i in range(19, -1, -1)]
+
+
+def test_messages_type_filter_reaches_a_message_behind_many_other_events(alice: MatrixHttp) -> None:
+    """/messages with a filter for m.room.message, in a room whose last 450 events are of
+    another type: one request returns the message and says the history is exhausted,
+    instead of an empty page after reading its bounded 400 events of the other type."""
+    room = alice.create_room()
+    alice.send(room, "under the noise")
+    for i in range(450):
+        alice.send(room, {"n": i}, event_type="org.example.noise")
+    page = alice.call(
+        "GET",
+        f"/_matrix/client/v3/rooms/{room}/messages",
+        params={"dir": "b", "limit": 10, "filter": json.dumps({"types": ["m.room.message"]})},
+    )
+    assert [e["content"]["body"] for e in page["chunk"]] == ["under the noise"]
+    assert "end" not in page
 
 
 def test_messages_paginate_back_to_create(alice: MatrixHttp) -> None:

@@ -201,12 +201,24 @@ class RoomReadService:
             if backwards:
                 lower = to_pos if to_pos is not None else None
                 rows = await self._db.read(
-                    events_store.get_room_events, room_id, after=lower, upto=position, limit=scan, backwards=True
+                    events_store.get_room_events,
+                    room_id,
+                    after=lower,
+                    upto=position,
+                    limit=scan,
+                    backwards=True,
+                    types=event_filter.exact_types,
                 )
             else:
                 upper = access.upto if to_pos is None else min(access.upto, to_pos)
                 rows = await self._db.read(
-                    events_store.get_room_events, room_id, after=position, upto=upper, limit=scan, backwards=False
+                    events_store.get_room_events,
+                    room_id,
+                    after=position,
+                    upto=upper,
+                    limit=scan,
+                    backwards=False,
+                    types=event_filter.exact_types,
                 )
             rows = self._cache.canonical(rows)
             for event in rows:
