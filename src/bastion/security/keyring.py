@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from bastion.security.crypto import (
-    HEADER,
     SUITES,
     AesGcm,
     IntegrityError,
@@ -40,6 +39,8 @@ from bastion.storage.database import Txn
 
 AeadT = AesGcm | Sm4Gcm
 KEK_CHECK_INFO = b"bastion-kek-check/1"
+# A data key's row as _unwrap takes it; callers add the WHERE clause.
+_SELECT_KEY_ROWS = "SELECT id, scope, scope_id, version, suite, wrapped, kek_id FROM encryption_keys "
 
 
 def _binding(scope: str, scope_id: str, version: int, suite: str) -> bytes:
@@ -127,7 +128,7 @@ class Keyring:
         if pending is not None:
             return pending
         row = txn.fetchone(
-            "SELECT id, scope, scope_id, version, suite, wrapped, kek_id FROM encryption_keys WHERE id = ? AND state <> 'destroyed'",
+            _SELECT_KEY_ROWS + "WHERE id = ? AND state <> 'destroyed'",
             (dek_id,),
         )
         if row is None:
@@ -147,16 +148,17 @@ class Keyring:
         pending = txn.scratch.get("deks", {})
         wanted: set[int] = set()
         for blob in blobs:
-            if blob is not None and len(blob) >= HEADER and is_encrypted(blob):
-                dek_id = int.from_bytes(blob[4:12], "big")
-                if dek_id not in known and dek_id not in pending:
-                    wanted.add(dek_id)
+            try:
+                dek_id = self.dek_id_of(blob) if blob is not None else None
+            except IntegrityError:
+                continue  # not a valid ciphertext: reported when its row is decrypted
+            if dek_id is not None and dek_id not in known and dek_id not in pending:
+                wanted.add(dek_id)
         if not wanted:
             return
         where, params = txn.any_of("id", sorted(wanted))
         rows = txn.fetchall(
-            "SELECT id, scope, scope_id, version, suite, wrapped, kek_id FROM encryption_keys "
-            f"WHERE {where} AND state <> 'destroyed'",
+            _SELECT_KEY_ROWS + f"WHERE {where} AND state <> 'destroyed'",
             params,
         )
         unwrapped = {}
@@ -176,8 +178,7 @@ class Keyring:
         if pending is not None:
             return pending
         row = txn.fetchone(
-            "SELECT id, scope, scope_id, version, suite, wrapped, kek_id FROM encryption_keys "
-            "WHERE scope = ? AND scope_id = ? AND state = 'active' ORDER BY version DESC LIMIT 1",
+            _SELECT_KEY_ROWS + "WHERE scope = ? AND scope_id = ? AND state = 'active' ORDER BY version DESC LIMIT 1",
             (scope, scope_id),
         )
         if row is not None:
@@ -206,8 +207,7 @@ class Keyring:
         )
         if row is None:  # created concurrently by another transaction: use theirs
             existing = txn.fetchone(
-                "SELECT id, scope, scope_id, version, suite, wrapped, kek_id FROM encryption_keys "
-                "WHERE scope = ? AND scope_id = ? AND version = ?",
+                _SELECT_KEY_ROWS + "WHERE scope = ? AND scope_id = ? AND version = ?",
                 (scope, scope_id, version),
             )
             assert existing is not None
