@@ -199,27 +199,18 @@ class RoomReadService:
         scan = max(limit * 2, 20)
         for _ in range(20):  # bounded work per request
             if backwards:
-                lower = to_pos if to_pos is not None else None
-                rows = await self._db.read(
-                    events_store.get_room_events,
-                    room_id,
-                    after=lower,
-                    upto=position,
-                    limit=scan,
-                    backwards=True,
-                    types=event_filter.exact_types,
-                )
+                after, upto = to_pos, position
             else:
-                upper = access.upto if to_pos is None else min(access.upto, to_pos)
-                rows = await self._db.read(
-                    events_store.get_room_events,
-                    room_id,
-                    after=position,
-                    upto=upper,
-                    limit=scan,
-                    backwards=False,
-                    types=event_filter.exact_types,
-                )
+                after, upto = position, (access.upto if to_pos is None else min(access.upto, to_pos))
+            rows = await self._db.read(
+                events_store.get_room_events,
+                room_id,
+                after=after,
+                upto=upto,
+                limit=scan,
+                backwards=backwards,
+                types=event_filter.exact_types,
+            )
             rows = self._cache.canonical(rows)
             for event in rows:
                 position = event.stream_ordering - 1 if backwards else event.stream_ordering

@@ -35,14 +35,11 @@ def insert_room(txn: Txn, room_id: str, room_version: str, creator: str, now_ms:
 
 
 def get_room(txn: Txn, room_id: str) -> RoomRow | None:
-    row = txn.fetchone(
-        "SELECT room_id, room_version, creator, created_ts, is_public FROM rooms WHERE room_id = ?", (room_id,)
-    )
-    return RoomRow(row[0], row[1], row[2], row[3], bool(row[4])) if row is not None else None
+    return get_rooms(txn, [room_id]).get(room_id)
 
 
 def get_rooms(txn: Txn, room_ids: Sequence[str]) -> dict[str, RoomRow]:
-    """:func:`get_room` for several rooms in one statement (the ones that exist)."""
+    """The rooms that exist among ``room_ids``, in one statement."""
     if not room_ids:
         return {}
     where, params = txn.any_of("room_id", room_ids)
