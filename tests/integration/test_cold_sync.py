@@ -338,3 +338,40 @@ def test_a_cancelled_cold_load_leaves_no_room_marked_as_loading(make_server, mon
             await db.close()
 
     asyncio.run(check())
+
+
+def test_a_request_waiting_for_a_cancelled_load_loads_the_rooms_itself(make_server, monkeypatch) -> None:
+    """Two requests need the same cold rooms; the one that started loading them is
+    cancelled (its client hung up). The other one waited for that load: it must still
+    get every room, not fail because someone else's client went away."""
+    srv: ServerProcess = make_server()
+    alice, bob, carol = (srv.client().register() for _ in range(3))
+    rooms = list(_build_rooms(alice, bob, carol).values())
+    srv.stop()
+    monkeypatch.setattr(caches, "LOAD_BATCH", 1)  # one batch per room
+    monkeypatch.setattr(caches, "LOAD_PARALLEL", {"sqlite": 1, "postgres": 1})  # the others wait their turn
+
+    async def check() -> None:
+        db = open_migrated_database(load_settings(srv.config_path))
+        try:
+            cache = RoomCache(db, EventCache(db))
+            first = asyncio.ensure_future(cache.get_many(rooms))
+            while not cache._loading:  # the loads are registered, the first is reading
+                await asyncio.sleep(0)
+            second = asyncio.ensure_future(cache.get_many(rooms))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert not second.done()  # it waits for the first one's loads
+            first.cancel()
+            try:
+                await first
+            except asyncio.CancelledError:
+                pass
+            found = await asyncio.wait_for(second, timeout=30)
+            assert set(found) == set(rooms)
+            assert all(found[room_id] is cache.cached(room_id) for room_id in rooms)
+            assert cache._loading == {}
+        finally:
+            await db.close()
+
+    asyncio.run(check())

@@ -421,7 +421,11 @@ class RoomCache:
             except BaseException as exc:
                 for room_id in batch:
                     fut = futures[room_id]
-                    if not fut.done():
+                    if fut.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        fut.cancel()  # not a failure of the load: its waiters load the room themselves
+                    else:
                         fut.set_exception(exc)
                         fut.exception()  # mark retrieved
                 raise
@@ -439,18 +443,30 @@ class RoomCache:
             outcomes = await asyncio.gather(*(load(batch) for batch in batches), return_exceptions=True)
         finally:
             # A load that never started (this call was cancelled first) ran no code of its
-            # own: its rooms are released here, and whoever waits for them is cancelled, as
-            # when a started load is.
+            # own: its rooms are released here, and cancelled for whoever waits for them,
+            # as when a started load is.
             for fut in futures.values():
                 fut.cancel()  # no effect on a finished one
             release(to_load)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        orphaned: list[str] = []
         for room_id, pending in waiting.items():
-            snap = await asyncio.shield(pending)
+            try:
+                snap = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this request itself was cancelled
+                # The request loading the room was cancelled (its client hung up): that is
+                # no reason to fail this one, which loads the room itself.
+                orphaned.append(room_id)
+                continue
             if snap is not None:
                 found[room_id] = snap
+        if orphaned:
+            found.update(await self.get_many(orphaned))
         return found
 
     def _snapshot(self, room_id: str, loaded: tuple[Any, ...] | None) -> RoomSnapshot | None:
