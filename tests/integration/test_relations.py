@@ -162,3 +162,22 @@ def test_limited_sync_carries_bundles(room_pair) -> None:
     assert data["timeline"]["limited"] is True
     root_event = next(e for e in data["timeline"]["events"] if e["event_id"] == root)
     assert root_event["unsigned"]["m.relations"]["m.thread"]["count"] == 2
+
+
+@pytest.mark.parametrize("target", [{}, [], {"a": 1}, 5, None])
+def test_a_relation_whose_event_id_is_not_a_string_does_not_break_sync(room_pair, target) -> None:
+    """``m.relates_to`` is the sender's content: a member could send one whose
+    ``event_id`` is an object or a list. It relates to nothing, and /sync (limited,
+    with that event in the timeline) must keep answering for every member of the room."""
+    alice, bob, room = room_pair
+    before = alice.sync()["next_batch"]
+    for i in range(12):
+        alice.send(room, f"filler {i}")
+    odd = bob.send(room, {"msgtype": "m.text", "body": "odd", "m.relates_to": {"rel_type": "m.thread", "event_id": target}})
+    for user in (alice, bob):
+        for params in ({}, {"since": before}, {"full_state": "true", "since": before}):
+            data = user.sync(**params)["rooms"]["join"][room]
+            assert data["timeline"]["limited"] is True
+            assert data["timeline"]["events"][-1]["event_id"] == odd
+    thread = alice.call("GET", f"/_matrix/client/v1/rooms/{room}/threads")
+    assert thread["chunk"] == []

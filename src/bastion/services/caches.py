@@ -287,7 +287,9 @@ class RoomSnapshot:
             if event.stream_ordering <= oldest:
                 break
             relates = event.content.get("m.relates_to")
-            if isinstance(relates, dict) and relates.get("event_id") in ids:
+            # Content is the sender's: ``event_id`` may be any JSON value, and only a
+            # string names a parent (a list or object is not even hashable).
+            if isinstance(relates, dict) and isinstance(target := relates.get("event_id"), str) and target in ids:
                 return True
         return False
 
