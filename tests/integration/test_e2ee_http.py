@@ -229,6 +229,21 @@ def test_cross_signing_and_signatures(pair) -> None:
     assert mine["user_signing_keys"][uid]["keys"] == user_signing["keys"]
 
 
+
+@pytest.mark.parametrize("signatures", ["x", -1, 1.5, True, [1, "a"], {"@someone:else": "x"}])
+def test_a_signed_object_with_malformed_signatures_is_a_failure_not_a_crash(pair, signatures) -> None:
+    """``signatures`` that is not an object of objects is reported for that key under
+    ``failures`` (spec: POST /keys/signatures/upload), and nothing is stored."""
+    alice, _, _ = pair
+    alice.call("POST", "/_matrix/client/v3/keys/upload", {"device_keys": device_keys(alice, Signer())})
+    uid = alice.user_id
+    stored = alice.call("POST", "/_matrix/client/v3/keys/query", {"device_keys": {uid: [alice.device_id]}})["device_keys"][uid][alice.device_id]
+    odd = {**{k: v for k, v in stored.items() if k not in ("unsigned", "signatures")}, "signatures": signatures}
+    result = alice.call("POST", "/_matrix/client/v3/keys/signatures/upload", {uid: {alice.device_id: odd}})
+    assert result["failures"][uid][alice.device_id]["errcode"] == "M_INVALID_SIGNATURE"
+    after = alice.call("POST", "/_matrix/client/v3/keys/query", {"device_keys": {uid: [alice.device_id]}})["device_keys"][uid][alice.device_id]
+    assert after["signatures"] == stored["signatures"]
+
 def test_key_backup_versions_and_keys(pair) -> None:
     _, bob, room = pair
     with pytest.raises(MatrixError) as err:

@@ -478,7 +478,8 @@ class KeysService:
     ) -> list[tuple[str, str, str, str, str]]:
         if not isinstance(signed, dict):
             raise InvalidSignature("signed objects must be objects")
-        sigs = (signed.get("signatures") or {}).get(me)
+        signatures = signed.get("signatures")
+        sigs = signatures.get(me) if isinstance(signatures, dict) else None
         if not isinstance(sigs, dict) or not sigs:
             raise InvalidSignature("no signature by the uploading user")
         master = theirs.get("master")
