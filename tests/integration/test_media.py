@@ -218,7 +218,11 @@ def test_admin_quarantine_and_delete(make_server) -> None:
     assert user.raw("GET", f"/_matrix/client/v1/media/download/localhost/{second}").status_code == 404
     assert not list((srv.directory / "data" / "media").rglob("original"))
     upload(user, b"old")
-    assert admin.call("POST", "/_synapse/admin/v1/media/delete", params={"before_ts": int(time.time() * 1000) + 1000})["total"] == 1
+    upload(user, b"older")
+    assert admin.call("POST", "/_synapse/admin/v1/media/delete", params={"before_ts": int(time.time() * 1000) + 1000, "size_gt": 3})["total"] == 1
+    # A bound beyond what a database integer holds means "everything", not a 500.
+    assert admin.call("POST", "/_synapse/admin/v1/media/delete", params={"before_ts": 10**20, "size_gt": 0})["total"] == 1
+    assert admin.call("POST", "/_synapse/admin/v1/media/delete", params={"before_ts": 10**20, "size_gt": 10**20})["total"] == 0
 
 
 class _Page(BaseHTTPRequestHandler):

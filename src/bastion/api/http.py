@@ -54,6 +54,8 @@ CORS_HEADERS = [
 ]
 JSON_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-cache, no-store, must-revalidate"), *CORS_HEADERS]
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+# The largest integer SQLite and PostgreSQL (BIGINT) columns hold.
+MAX_QUERY_INT = 2**63 - 1
 
 CLIENT_V3 = "/_matrix/client/{version:v3}"
 CLIENT_V1 = "/_matrix/client/v1"
@@ -123,7 +125,12 @@ class Request:
     def query_list(self, name: str) -> list[str]:
         return self.query.get(name, [])
 
-    def query_int(self, name: str, default: int | None = None, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+    def query_int(
+        self, name: str, default: int | None = None, *, minimum: int | None = None, maximum: int = MAX_QUERY_INT
+    ) -> int | None:
+        """An integer query parameter; one above ``maximum`` is read as ``maximum`` (by
+        default the largest value a database integer column holds, so no caller can pass
+        the database a number it cannot compare)."""
         value = self.query_str(name)
         if value is None or value == "":
             return default
@@ -133,7 +140,7 @@ class Request:
             raise InvalidParam(f"query parameter '{name}' must be an integer") from None
         if minimum is not None and number < minimum:
             raise InvalidParam(f"query parameter '{name}' must be at least {minimum}")
-        if maximum is not None and number > maximum:
+        if number > maximum:
             number = maximum
         return number
 
