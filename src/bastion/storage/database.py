@@ -313,7 +313,10 @@ class PostgresDatabase(Database):
                     conn.isolation_level = None if write else psycopg.IsolationLevel.REPEATABLE_READ
                     conn.read_only = None if write else True
                     txn: Txn | None = None
-                    with conn.transaction(), conn.cursor() as cur:
+                    # Results in binary format: bytea (every encrypted event) then comes
+                    # as raw bytes, not hex text for PostgreSQL to encode and psycopg to
+                    # decode (a 100-room snapshot read: 15-21 ms -> 10-13 ms).
+                    with conn.transaction(), conn.cursor(binary=True) as cur:
                         txn = Txn(cur, "postgres", self.crypto)
                         result = fn(txn, *args, **kwargs)
                         before_commit = False
