@@ -11,6 +11,7 @@ The tree::
      ├── BadJson                    400 M_BAD_JSON
      ├── NotJson                    400 M_NOT_JSON
      ├── InvalidParam               400 M_INVALID_PARAM
+     │    └── StorageRejected       400 M_INVALID_PARAM (a value the database cannot store)
      ├── MissingParam               400 M_MISSING_PARAM
      ├── Forbidden                  403 M_FORBIDDEN
      ├── NotFound                   404 M_NOT_FOUND
@@ -151,3 +152,9 @@ class StorageUnavailable(MatrixError):
 
     status = 503
     errcode = "M_UNKNOWN"
+
+
+class StorageRejected(InvalidParam):
+    """The database refused a value from the request: text with a NUL character
+    (PostgreSQL), a number beyond a 64-bit integer, a value too long for an index.
+    Nothing of the transaction is kept; the request is at fault, not the server."""

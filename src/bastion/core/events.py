@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from bastion.core.canonical_json import encode_canonical
-from bastion.core.ids import unpadded_b64, urlsafe_unpadded_b64
+from bastion.core.ids import is_valid_event_id, unpadded_b64, urlsafe_unpadded_b64
 from bastion.core.room_versions import RoomVersion
 from bastion.core.signing import SigningKey
 
@@ -397,5 +397,5 @@ def thread_root(event: Event) -> str | None:
     relates = event.content.get("m.relates_to")
     if isinstance(relates, dict) and relates.get("rel_type") == "m.thread":
         root = relates.get("event_id")
-        return root if isinstance(root, str) else None
+        return root if is_valid_event_id(root) else None
     return None

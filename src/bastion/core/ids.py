@@ -11,8 +11,10 @@ import base64
 import re
 import secrets
 import string
+from typing import TypeGuard
 
 MAX_ID_LENGTH = 255
+MAX_DEVICE_ID_LENGTH = 255  # characters, as login accepts them
 
 # Localparts Bastion creates: the spec's current grammar.
 _LOCALPART_RE = re.compile(r"^[a-z0-9._=\-/+]+$")
@@ -85,7 +87,7 @@ def is_valid_room_alias(alias: object) -> bool:
     return parts is not None and all(c not in parts[0] for c in ("\x00", ":"))
 
 
-def is_valid_event_id(event_id: object) -> bool:
+def is_valid_event_id(event_id: object) -> TypeGuard[str]:
     return (
         isinstance(event_id, str)
         and 1 < len(event_id.encode()) <= MAX_ID_LENGTH

@@ -20,6 +20,7 @@ from typing import Any
 
 from bastion.clock import now_ms
 from bastion.core.ids import (
+    MAX_DEVICE_ID_LENGTH,
     generate_device_id,
     is_valid_localpart,
     is_valid_opaque_id,
@@ -33,7 +34,6 @@ from bastion.services.requester import current_client
 from bastion.storage import accounts as accounts_store
 from bastion.storage.database import Database, Txn
 
-MAX_DEVICE_ID_LENGTH = 255
 NONCE_LIFETIME_S = 60
 
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from bastion.clock import now_ms
 from bastion.cluster.replication import Replicator
 from bastion.core.canonical_json import check_event_values, encode_canonical
-from bastion.core.ids import decode_unpadded_b64, is_valid_user_id, server_of
+from bastion.core.ids import MAX_DEVICE_ID_LENGTH, decode_unpadded_b64, is_valid_user_id, server_of
 from bastion.errors import BadJson, InvalidParam, MatrixError, MissingParam, TooLarge
 from bastion.services.caches import MembershipIndex, RoomCache
 from bastion.services.requester import Requester
@@ -561,6 +561,8 @@ class KeysService:
             if not is_valid_user_id(user_id) or not isinstance(devices, dict):
                 raise BadJson("'messages' must map user IDs to devices")
             for device_id, content in devices.items():
+                if len(device_id) > MAX_DEVICE_ID_LENGTH or "\x00" in device_id:
+                    raise InvalidParam("A device ID is longer than 255 characters or holds a NUL character")
                 if not isinstance(content, dict):
                     raise BadJson("to-device message content must be an object")
                 check_event_values(content, "to-device content")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bastion.core.events import Event
-from bastion.core.ids import parse_digits
+from bastion.core.ids import is_valid_event_id, parse_digits
 from bastion.core.visibility import is_visible, visible_at
 from bastion.errors import InvalidParam, MatrixError, NotFound
 from bastion.services.caches import EventCache
@@ -206,8 +206,8 @@ class RelationsService:
             return
         rel_type = relates.get("rel_type")
         target_id = relates.get("event_id")
-        if not isinstance(target_id, str):
-            return
+        if not is_valid_event_id(target_id):
+            return  # relates to nothing (storage/events.py: _relation)
         if rel_type == "m.thread":
             target = await self._events.get(target_id)
             target_rel = target.content.get("m.relates_to") if target is not None else None

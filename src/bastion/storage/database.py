@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, TypeVar
 
-from bastion.errors import StorageUnavailable
+from bastion.errors import StorageRejected, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,44 @@ def _to_psycopg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
-class Txn:
-    """A cursor inside one transaction. Placeholders are ``?`` on both backends."""
+@functools.cache
+def _refusals(dialect: Dialect) -> tuple[type[BaseException], ...]:
+    """The driver errors that mean "the database cannot store this value" (the request's
+    fault): sqlite3 cannot bind an integer beyond 64 bits; PostgreSQL also refuses NUL
+    characters in text, numbers out of a column's range and index rows over ~2.7 KB."""
+    if dialect == "sqlite":
+        return (OverflowError,)
+    import psycopg
 
-    __slots__ = ("_cursor", "after_commit", "crypto", "dialect", "scratch")
+    return (OverflowError, psycopg.DataError, psycopg.errors.ProgramLimitExceeded)
+
+
+def _rejected(exc: BaseException) -> StorageRejected:
+    text = str(exc)
+    if "NUL" in text:
+        what = "text with a NUL character"
+    elif isinstance(exc, OverflowError) or "out of range" in text:
+        what = "a number out of range"
+    elif getattr(exc, "sqlstate", None) == "54000":
+        what = "a value too long"
+    else:
+        what = "a value"
+    log.warning("the database refused a value from a request (%s: %s)", exc.__class__.__name__, text)
+    return StorageRejected(f"The request holds {what}, which cannot be stored")
+
+
+class Txn:
+    """A cursor inside one transaction. Placeholders are ``?`` on both backends.
+
+    A statement the database refuses because of a value in it (see :func:`_refusals`)
+    raises :class:`StorageRejected` (400 ``M_INVALID_PARAM``) instead of a driver error."""
+
+    __slots__ = ("_cursor", "_refused", "after_commit", "crypto", "dialect", "scratch")
 
     def __init__(self, cursor: Any, dialect: Dialect, crypto: Any = None) -> None:
         self._cursor = cursor
         self.dialect: Dialect = dialect
+        self._refused = _refusals(dialect)
         self.after_commit: list[Callable[[], None]] = []
         # The keyring (encryption at rest) for storage functions that store sensitive fields.
         self.crypto: Any = crypto
@@ -67,21 +97,30 @@ class Txn:
     def _sql(self, sql: str) -> str:
         return sql if self.dialect == "sqlite" else _to_psycopg(sql)
 
+    def _exec(self, sql: str, params: Sequence[Any]) -> None:
+        try:
+            self._cursor.execute(self._sql(sql), params)
+        except self._refused as exc:
+            raise _rejected(exc) from exc
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        self._cursor.execute(self._sql(sql), params)
+        self._exec(sql, params)
         return self._cursor.rowcount
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         if rows:
-            self._cursor.executemany(self._sql(sql), rows)
+            try:
+                self._cursor.executemany(self._sql(sql), rows)
+            except self._refused as exc:
+                raise _rejected(exc) from exc
 
     def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        self._cursor.execute(self._sql(sql), params)
+        self._exec(sql, params)
         return self._cursor.fetchone()
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        self._cursor.execute(self._sql(sql), params)
+        self._exec(sql, params)
         return self._cursor.fetchall()
 
     def fetchval(self, sql: str, params: Sequence[Any] = ()) -> Any:
@@ -263,6 +302,16 @@ class SqliteDatabase(Database):
 # -- PostgreSQL ---------------------------------------------------------------------------
 
 
+def _connection_failure(exc: Any) -> bool:
+    """Whether a psycopg ``OperationalError`` means the connection or the server went
+    away (worth a retry on a new connection, else "unavailable"): no SQLSTATE (the
+    client lost the connection), class 08 (connection exception), or the server shutting
+    down or starting up (57P01 to 57P03). Other operational errors — a value too long for
+    an index (54000), a cancelled query — are about the statement, not the database."""
+    state = getattr(exc, "sqlstate", None)
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+
+
 class PostgresDatabase(Database):
     dialect: Dialect = "postgres"
 
@@ -328,6 +377,8 @@ class PostgresDatabase(Database):
                     raise
                 log.info("retrying transaction %s after a serialisation failure", getattr(fn, "__name__", fn))
             except psycopg.OperationalError as exc:
+                if not _connection_failure(exc):
+                    raise  # e.g. a query cancelled or over a limit: not an outage
                 # A connection that broke before the commit (PostgreSQL restarted since it
                 # was opened): nothing was written, so try once more on a fresh connection.
                 if before_commit and attempts < 3:

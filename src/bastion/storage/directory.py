@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from bastion.core.events import Event
 from bastion.core.visibility import normalise_visibility
@@ -27,15 +28,20 @@ def public_room_ids(txn: Txn) -> list[str]:
 # -- room settings the user directory needs ------------------------------------------------
 
 
+def _join_rule(content: dict[str, Any]) -> str:
+    """The join rule to keep in ``rooms.join_rule`` (only ever compared with 'public'):
+    the event's when it is text a database can hold, else "invite" (as the auth rules
+    treat a rule they do not know)."""
+    rule = content.get("join_rule")
+    return rule if isinstance(rule, str) and "\x00" not in rule else "invite"
+
+
 def record_room_state(txn: Txn, event: Event) -> None:
     """Keep ``rooms.join_rule`` / ``rooms.history_visibility`` in step with the room state."""
     if event.state_key != "":
         return
     if event.type == "m.room.join_rules":
-        rule = event.content.get("join_rule")
-        txn.execute(
-            "UPDATE rooms SET join_rule = ? WHERE room_id = ?", (rule if isinstance(rule, str) else "invite", event.room_id)
-        )
+        txn.execute("UPDATE rooms SET join_rule = ? WHERE room_id = ?", (_join_rule(event.content), event.room_id))
     elif event.type == "m.room.history_visibility":
         visibility = normalise_visibility(event.content.get("history_visibility"))
         txn.execute("UPDATE rooms SET history_visibility = ? WHERE room_id = ?", (visibility, event.room_id))
@@ -53,17 +59,17 @@ def fill_room_settings(txn: Txn) -> int:
             (room_id,),
         )
         events = events_store.get_events(txn, [r[1] for r in ids])
-        rule: object = None
+        rule: str = "invite"
         visibility: object = None
         for event in events.values():
             if event.type == "m.room.join_rules":
-                rule = event.content.get("join_rule")
+                rule = _join_rule(event.content)
             else:
                 visibility = event.content.get("history_visibility")
         # Only where still unknown: an event persisted meanwhile has already set it.
         txn.execute(
             "UPDATE rooms SET join_rule = ? WHERE room_id = ? AND join_rule IS NULL",
-            (rule if isinstance(rule, str) else "invite", room_id),
+            (rule, room_id),
         )
         txn.execute(
             "UPDATE rooms SET history_visibility = ? WHERE room_id = ? AND history_visibility IS NULL",

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from bastion.core.events import Event, StateKey, redact_pdu
+from bastion.core.ids import is_valid_event_id
 from bastion.core.room_versions import KNOWN_ROOM_VERSIONS
 from bastion.security.crypto import IntegrityError
 from bastion.storage import directory as directory_store
@@ -374,15 +375,18 @@ def get_txn_event_id(txn: Txn, user_id: str, device_id: str, scope: str, txn_id:
 
 
 def _relation(event: Event) -> tuple[str | None, str | None]:
+    # Content is the sender's: a target that is not an event ID (not a string, over 255
+    # bytes, NUL in it) relates to nothing, as does a relation type that is not a
+    # reasonable string.
     rel = event.content.get("m.relates_to")
     if isinstance(rel, dict):
         target = rel.get("event_id")
         rel_type = rel.get("rel_type")
-        if isinstance(target, str) and "\x00" not in target:
-            ok_type = isinstance(rel_type, str) and "\x00" not in rel_type
+        if is_valid_event_id(target):
+            ok_type = isinstance(rel_type, str) and "\x00" not in rel_type and len(rel_type) <= 255
             return target, rel_type if ok_type else None
         reply = rel.get("m.in_reply_to")
-        if isinstance(reply, dict) and isinstance(reply.get("event_id"), str) and "\x00" not in reply["event_id"]:
+        if isinstance(reply, dict) and is_valid_event_id(reply.get("event_id")):
             return reply["event_id"], "m.in_reply_to"
     return None, None
 

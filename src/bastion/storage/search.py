@@ -79,7 +79,9 @@ def index_event(txn: Txn, event: Event) -> None:
         txn.execute(
             "INSERT INTO event_search (event_id, room_id, key, stream_ordering, vector) "
             "VALUES (?, ?, ?, ?, to_tsvector('simple', ?)) ON CONFLICT (event_id) DO NOTHING",
-            (event.event_id, event.room_id, key_name, event.stream_ordering, value),
+            # PostgreSQL text cannot hold NUL, which JSON (and so a message) can: it
+            # separates words like any other control character.
+            (event.event_id, event.room_id, key_name, event.stream_ordering, value.replace("\x00", " ")),
         )
 
 
