@@ -303,13 +303,14 @@ class SqliteDatabase(Database):
 
 
 def _connection_failure(exc: Any) -> bool:
-    """Whether a psycopg ``OperationalError`` means the connection or the server went
-    away (worth a retry on a new connection, else "unavailable"): no SQLSTATE (the
-    client lost the connection), class 08 (connection exception), or the server shutting
-    down or starting up (57P01 to 57P03). Other operational errors — a value too long for
-    an index (54000), a cancelled query — are about the statement, not the database."""
+    """Whether a psycopg ``OperationalError`` means the database is unreachable or
+    overwhelmed (worth a retry on a new connection, else 503 "unavailable"): no SQLSTATE
+    (the client lost the connection), class 08 (connection exception), 53 (insufficient
+    resources: too many connections, out of memory, disk full) or 57 (operator
+    intervention: shutting down, starting up, a statement cancelled). Others — a value
+    too long for an index (54000) — are about the statement, not the database."""
     state = getattr(exc, "sqlstate", None)
-    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    return state is None or state[:2] in ("08", "53", "57")
 
 
 class PostgresDatabase(Database):
@@ -378,7 +379,7 @@ class PostgresDatabase(Database):
                 log.info("retrying transaction %s after a serialisation failure", getattr(fn, "__name__", fn))
             except psycopg.OperationalError as exc:
                 if not _connection_failure(exc):
-                    raise  # e.g. a query cancelled or over a limit: not an outage
+                    raise  # e.g. over a limit of PostgreSQL's: not an outage
                 # A connection that broke before the commit (PostgreSQL restarted since it
                 # was opened): nothing was written, so try once more on a fresh connection.
                 if before_commit and attempts < 3:
