@@ -84,3 +84,28 @@ def visible_at(position: int, memberships: Changes, visibilities: Changes) -> bo
 
 def filter_visible(events: Sequence[Event], user_id: str, memberships: Changes, visibilities: Changes) -> list[Event]:
     return [e for e in events if is_visible(e, user_id, memberships, visibilities)]
+
+
+def visible_ranges(memberships: Changes, visibilities: Changes) -> list[tuple[int, int | None]]:
+    """The stream ranges ``(after, before)`` — ``after < position < before``, ``None``
+    for no upper bound — holding every non-state event the user may see, merged.
+
+    What decides an event's visibility (the setting and the membership before it,
+    whether the user joins later) changes only at the user's own membership events
+    and at visibility changes, so it is constant between two such positions. Those
+    positions are state events: an event that is neither never sits on one. For
+    queries that must not count what the user cannot see (search)."""
+    points = sorted({p for p, _ in memberships} | {p for p, _ in visibilities})
+    bounds: list[tuple[int, int | None]] = [(-1, points[0] if points else None)]
+    bounds += [(lo, hi) for lo, hi in zip(points, [*points[1:], None], strict=True)]
+    out: list[tuple[int, int | None]] = []
+    for lo, hi in bounds:
+        if hi is not None and hi - lo < 2:
+            continue  # no position strictly between
+        if not visible_at(lo + 1, memberships, visibilities):
+            continue
+        if out and out[-1][1] == lo:  # only a state event between: one range
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out

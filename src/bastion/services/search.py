@@ -13,7 +13,7 @@ from bastion.clock import now_ms
 from bastion.core.events import Event
 from bastion.core.filters import EventFilter
 from bastion.core.ids import parse_digits
-from bastion.core.visibility import is_visible
+from bastion.core.visibility import is_visible, normalise_visibility, visible_ranges
 from bastion.errors import BadJson, InvalidParam
 from bastion.services.caches import EventCache, MembershipIndex, RoomCache
 from bastion.services.relations import Bundler
@@ -21,7 +21,7 @@ from bastion.services.requester import Requester
 from bastion.services.room_reads import RoomReadService
 from bastion.storage import events as events_store
 from bastion.storage import search as search_store
-from bastion.storage.database import Database
+from bastion.storage.database import Database, Txn
 
 ALL_KEYS = ("content.body", "content.name", "content.topic")
 MAX_LIMIT = 100
@@ -98,12 +98,26 @@ class SearchService:
         memberships = await self._memberships.rooms_for(requester.user_id)
         room_ids = sorted(r for r, m in memberships.items() if m.membership == "join" and flt.allows_room(r))
         term_words = search_store.words(term)
-        rows, total = await self._db.read(
-            search_store.search, term_words, room_ids, keys,
-            order_by_rank=order_by == "rank", before=before, offset=offset, limit=limit,
-        )
+        user = requester.user_id
+
+        def find(txn: Txn) -> tuple[list[tuple[str, int, float]], int, dict[str, list[tuple[int, str]]]]:
+            # Only where the user may see: neither the results nor the count may tell of
+            # events before they joined (say) that history visibility hides.
+            histories = events_store.get_membership_histories(txn, room_ids, user)
+            settings = events_store.get_visibility_histories(txn, room_ids)
+            ranges = {
+                room_id: visible_ranges(
+                    histories[room_id], [(p, normalise_visibility(v)) for p, v in settings[room_id]]
+                )
+                for room_id in room_ids
+            }
+            rows, total = search_store.search(
+                txn, term_words, ranges, keys, order_by_rank=order_by == "rank", before=before, offset=offset, limit=limit
+            )
+            return rows, total, histories
+
+        rows, total, histories = await self._db.read(find)
         found = await self._events.get_many([r[0] for r in rows])
-        histories: dict[str, list[tuple[int, str]]] = {}
         results: list[tuple[float, Event]] = []
         for event_id, _stream, rank in rows:
             event = found.get(event_id)
@@ -112,11 +126,7 @@ class SearchService:
             room = await self._rooms.get(event.room_id)
             if room is None:
                 continue
-            if event.room_id not in histories:
-                histories[event.room_id] = await self._db.read(
-                    events_store.get_membership_history, event.room_id, requester.user_id
-                )
-            if is_visible(event, requester.user_id, histories[event.room_id], room.visibility):
+            if is_visible(event, user, histories[event.room_id], room.visibility):  # the query's ranges, checked again
                 results.append((rank, event))
 
         now = now_ms()

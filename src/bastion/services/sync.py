@@ -59,6 +59,18 @@ class SyncRequest:
     set_presence: str | None = None
 
 
+def _end_of_last_stay(history: list[tuple[int, str]]) -> int:
+    """The stream position where the user's last stay in a room ended (the membership
+    event that took them out), from their membership history; -1 if they never joined."""
+    end, joined = -1, False
+    for position, membership in history:
+        if membership == "join":
+            joined = True
+        elif joined:
+            end, joined = position, False
+    return end
+
+
 @dataclass
 class _RoomCtx:
     """Per-request working data for one room."""
@@ -335,7 +347,13 @@ class SyncService:
                 if m.membership == "join":
                     newly_shared |= room.joined  # we joined: everyone there is new to us
                 elif m.membership in ("leave", "ban"):
-                    maybe_left |= room.joined  # we left
+                    # We left: the members we shared the room with are those joined just
+                    # before, if we were one of them (not those who joined since, nor
+                    # anyone when we had only been invited).
+                    before = await self._state_at(room, m.stream_ordering - 1)
+                    members = {k[1] for k, e in before.items() if k[0] == "m.room.member" and e.membership == "join"}
+                    if user in members:
+                        maybe_left |= members
                 continue
             if m.membership != "join":
                 continue
@@ -664,6 +682,12 @@ class SyncService:
             key_name = "state"
             in_timeline = {e.event_id for e in timeline}
             state = {k: e for k, e in state.items() if e.event_id not in in_timeline}
+        # The state the user knew is the state of their last stay in the room. Anything
+        # set after it (they never joined at all: an invite rejected, a ban before joining;
+        # or they were invited back and declined) is theirs to see only as its history
+        # visibility allows, like any other event (the /state endpoint agrees).
+        known_upto = _end_of_last_stay(await self._history(ctx, user))
+        state = {k: e for k, e in state.items() if e.stream_ordering <= known_upto or await self._visible(ctx, user, e)}
         state = self._lazy_members(req, room, state, timeline, {user})
         return {
             "timeline": {

@@ -90,10 +90,39 @@ def unindex_event(txn: Txn, event_id: str) -> None:
     txn.execute("DELETE FROM event_search_tokens WHERE event_id = ?", (event_id,))
 
 
+Ranges = dict[str, list[tuple[int, int | None]]]
+
+
+def _in_ranges(txn: Txn, ranges: Ranges) -> tuple[str, list[Any]]:
+    """A condition "in one of these rooms, between these stream positions" (exclusive;
+    ``None``: no upper bound) and its parameters. Rooms visible from their start are
+    one ``IN`` list."""
+    whole = [room_id for room_id, spans in ranges.items() if spans == [(-1, None)]]
+    clauses: list[str] = []
+    params: list[Any] = []
+    if whole:
+        clauses.append(f"room_id IN ({txn.in_list(whole)})")
+        params += whole
+    for room_id, spans in ranges.items():
+        if spans == [(-1, None)]:
+            continue
+        alternatives = []
+        params.append(room_id)
+        for after, before in spans:
+            if before is None:
+                alternatives.append("stream_ordering > ?")
+                params.append(after)
+            else:
+                alternatives.append("(stream_ordering > ? AND stream_ordering < ?)")
+                params += [after, before]
+        clauses.append(f"(room_id = ? AND ({' OR '.join(alternatives)}))")
+    return "(" + " OR ".join(clauses) + ")", params
+
+
 def search(
     txn: Txn,
     term_words: Sequence[str],
-    room_ids: Sequence[str],
+    ranges: Ranges,
     keys: Sequence[str],
     *,
     order_by_rank: bool,
@@ -101,23 +130,25 @@ def search(
     offset: int,
     limit: int,
 ) -> tuple[list[tuple[str, int, float]], int]:
-    """([(event_id, stream_ordering, rank)], total count) for events matching every word."""
-    if not term_words or not room_ids or not keys:
+    """([(event_id, stream_ordering, rank)], total count) for events matching every word
+    within ``ranges``: for each room, the stream ranges the user may see
+    (:func:`bastion.core.visibility.visible_ranges`), so that neither the results nor
+    the count tell of events the user cannot see."""
+    ranges = {room_id: spans for room_id, spans in ranges.items() if spans}
+    if not term_words or not ranges or not keys:
         return [], 0
     if _blind_enabled(txn):
-        return _search_blind(txn, term_words, room_ids, keys, order_by_rank, before, offset, limit)
+        return _search_blind(txn, term_words, ranges, keys, order_by_rank, before, offset, limit)
     params: list[Any]
+    visible, visible_params = _in_ranges(txn, ranges)
     if txn.dialect == "sqlite":
         match = " ".join('"' + w.replace('"', '""') + '"' for w in term_words)
-        where = f"event_search MATCH ? AND room_id IN ({txn.in_list(room_ids)}) AND key IN ({txn.in_list(keys)})"
-        params = [match, *room_ids, *keys]
+        where = f"event_search MATCH ? AND {visible} AND key IN ({txn.in_list(keys)})"
+        params = [match, *visible_params, *keys]
         rank_expr = "-rank"
     else:
-        where = (
-            f"vector @@ plainto_tsquery('simple', ?) AND room_id IN ({txn.in_list(room_ids)}) "
-            f"AND key IN ({txn.in_list(keys)})"
-        )
-        params = [" ".join(term_words), *room_ids, *keys]
+        where = f"vector @@ plainto_tsquery('simple', ?) AND {visible} AND key IN ({txn.in_list(keys)})"
+        params = [" ".join(term_words), *visible_params, *keys]
         rank_expr = "ts_rank_cd(vector, plainto_tsquery('simple', ?))"
     total = int(txn.fetchval(f"SELECT COUNT(*) FROM event_search WHERE {where}", params))
     if before is not None:
@@ -134,12 +165,12 @@ def search(
 
 
 def _search_blind(
-    txn: Txn, term_words: Sequence[str], room_ids: Sequence[str], keys: Sequence[str],
+    txn: Txn, term_words: Sequence[str], ranges: Ranges, keys: Sequence[str],
     order_by_rank: bool, before: int | None, offset: int, limit: int,
 ) -> tuple[list[tuple[str, int, float]], int]:
     unique = sorted(set(term_words))
     pairs: list[Any] = []
-    for room_id in room_ids:
+    for room_id in ranges:
         key = txn.crypto.search_key(txn, room_id, create=False)
         if key is not None:
             for word in unique:
@@ -147,8 +178,9 @@ def _search_blind(
     if not pairs:
         return [], 0
     values = ", ".join(["(?, ?)"] * (len(pairs) // 2))
-    where = f"(room_id, token) IN (VALUES {values}) AND key IN ({txn.in_list(keys)})"
-    params: list[Any] = [*pairs, *keys]
+    visible, visible_params = _in_ranges(txn, {r: ranges[r] for r in dict.fromkeys(pairs[::2])})
+    where = f"(room_id, token) IN (VALUES {values}) AND {visible} AND key IN ({txn.in_list(keys)})"
+    params: list[Any] = [*pairs, *visible_params, *keys]
     if before is not None:
         where += " AND stream_ordering < ?"
         params.append(before)
@@ -156,8 +188,8 @@ def _search_blind(
         f"SELECT event_id, stream_ordering, SUM(hits) AS rnk FROM event_search_tokens WHERE {where} "
         f"GROUP BY event_id, stream_ordering HAVING COUNT(DISTINCT token) = {len(unique)}"
     )
-    total_params = [*pairs, *keys]
-    total_where = f"(room_id, token) IN (VALUES {values}) AND key IN ({txn.in_list(keys)})"
+    total_params = [*pairs, *visible_params, *keys]
+    total_where = f"(room_id, token) IN (VALUES {values}) AND {visible} AND key IN ({txn.in_list(keys)})"
     total = int(txn.fetchval(
         f"SELECT COUNT(*) FROM (SELECT event_id FROM event_search_tokens WHERE {total_where} "
         f"GROUP BY event_id HAVING COUNT(DISTINCT token) = {len(unique)}) t",
