@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from bastion.core.events import Event
 from bastion.core.filters import EventFilter, Filter, apply_event_fields
 from bastion.core.room_versions import V10
-from bastion.core.visibility import is_visible
+from bastion.core.visibility import is_visible, visible_at, visible_ranges
 from bastion.errors import BadJson, InvalidParam
 from bastion.services.caches import RECENT_EVENTS_PER_ROOM, RoomSnapshot
 from bastion.streams.tokens import StreamToken, decode_pagination, encode_pagination
@@ -140,3 +142,28 @@ def test_recent_window_scans_match_their_definition(positions: list[int], after:
         assert latest == wanted
     else:
         assert latest is None
+
+
+_MEMBERSHIPS = st.sampled_from(["join", "leave", "invite", "ban", "knock"])
+_VISIBILITIES = st.sampled_from(["shared", "joined", "invited", "world_readable"])
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 60), _MEMBERSHIPS), max_size=6, unique_by=lambda c: c[0]),
+    st.lists(st.tuples(st.integers(1, 60), _VISIBILITIES), max_size=4, unique_by=lambda c: c[0]),
+)
+def test_visible_ranges_hold_exactly_the_positions_a_message_would_be_visible_at(members, settings) -> None:
+    """Search counts and pages within these ranges: they must match the per-event rule at
+    every position that is not itself a membership or visibility change (those hold
+    state events, which are never searched)."""
+    taken = {p for p, _ in members}
+    settings = [(p, v) for p, v in settings if p not in taken]  # one event per position
+    members, settings = sorted(members), sorted(settings)
+    ranges = visible_ranges(members, settings)
+    changes = taken | {p for p, _ in settings}
+    for position in range(0, 70):
+        if position in changes:
+            continue
+        in_range = any(after < position and (before is None or position < before) for after, before in ranges)
+        assert in_range == visible_at(position, members, settings), (position, ranges)
+    assert all(a[1] is not None and a[1] <= b[0] for a, b in pairwise(ranges))  # sorted, apart

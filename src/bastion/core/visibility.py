@@ -96,8 +96,7 @@ def visible_ranges(memberships: Changes, visibilities: Changes) -> list[tuple[in
     positions are state events: an event that is neither never sits on one. For
     queries that must not count what the user cannot see (search)."""
     points = sorted({p for p, _ in memberships} | {p for p, _ in visibilities})
-    bounds: list[tuple[int, int | None]] = [(-1, points[0] if points else None)]
-    bounds += [(lo, hi) for lo, hi in zip(points, [*points[1:], None], strict=True)]
+    bounds: list[tuple[int, int | None]] = list(zip([-1, *points], [*points, None], strict=True))
     out: list[tuple[int, int | None]] = []
     for lo, hi in bounds:
         if hi is not None and hi - lo < 2:
