@@ -52,11 +52,15 @@ def test_the_leave_section_shows_no_room_state_to_someone_who_never_joined(serve
     alice.invite(room, dave.user_id)
     dave.call("POST", f"/_matrix/client/v3/rooms/{room}/leave", {})  # rejects the invite
     alice.call("POST", f"/_matrix/client/v3/rooms/{room}/ban", {"user_id": frank.user_id})  # never joined
-    for outsider in (dave, frank):
+    for outsider, membership in ((dave, "leave"), (frank, "ban")):
         section = _leave_section(outsider, room, **params)
-        assert room in json.dumps(outsider.sync(filter=INCLUDE_LEAVE)["rooms"]["leave"])
         for secret in ("SECRET-NAME", "SECRET-TOPIC", "SECRET-CUSTOM", "SECRET-NICK", bob.user_id):
             assert secret not in section, (outsider.user_id, secret)
+        # Their own membership is there: it is how a client sees the room leave its list.
+        state = json.loads(section)["state_after" if params else "state"]["events"]
+        assert [(e["type"], e["state_key"], e["content"]["membership"]) for e in state] == [
+            ("m.room.member", outsider.user_id, membership)
+        ]
 
 
 @pytest.mark.parametrize("params", [{}, {"use_state_after": "true"}], ids=["state", "state_after"])

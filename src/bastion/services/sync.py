@@ -685,9 +685,15 @@ class SyncService:
         # The state the user knew is the state of their last stay in the room. Anything
         # set after it (they never joined at all: an invite rejected, a ban before joining;
         # or they were invited back and declined) is theirs to see only as its history
-        # visibility allows, like any other event (the /state endpoint agrees).
+        # visibility allows, like any other event (the /state endpoint agrees) — except
+        # their own membership, which is how a client learns that the room is gone from
+        # its list (a rejected invite: matrix-js-sdk waits for it).
         known_upto = _end_of_last_stay(await self._history(ctx, user))
-        state = {k: e for k, e in state.items() if e.stream_ordering <= known_upto or await self._visible(ctx, user, e)}
+        own = ("m.room.member", user)
+        state = {
+            k: e for k, e in state.items()
+            if k == own or e.stream_ordering <= known_upto or await self._visible(ctx, user, e)
+        }
         state = self._lazy_members(req, room, state, timeline, {user})
         return {
             "timeline": {
