@@ -198,6 +198,11 @@ def serve(config_path: Path, host: str | None, port: int | None, workers: int, f
         timeout_keep_alive=75,
         server_header=False,
         date_header=True,
+        # Bastion decides itself whose X-Forwarded-For to believe (``trusted_proxies``).
+        # Left on, uvicorn would rewrite the client address of every connection from
+        # 127.0.0.1 from that header first, so anything local that passes the header on
+        # would let a client pick its address (admin networks, last_seen_ip).
+        proxy_headers=False,
     )
     server = Server(config)
 

@@ -171,10 +171,43 @@ def test_shared_secret_registration_like_register_new_matrix_user(make_server) -
     assert anon.raw("POST", "/_synapse/admin/v1/register", json=forged, token=False).status_code == 403
 
 
+FORGED_ADDRESSES = [
+    {"X-Forwarded-For": "10.0.0.1"},
+    {"X-Forwarded-For": "203.0.113.9, 10.0.0.1"},
+    {"X-Forwarded-For": "10.0.0.1:443"},
+    {"X-Forwarded-Proto": "https", "X-Forwarded-For": "10.0.0.1"},
+]
+
+
 def test_admin_api_only_from_allowed_networks(make_server) -> None:
+    """The connecting address decides, unless it is a trusted proxy: an
+    X-Forwarded-For header from anyone else is ignored. (uvicorn's own proxy-header
+    handling used to rewrite the address of any connection from 127.0.0.1 first, so a
+    local front end that passed the header through let a client claim an address in
+    ``allowed_networks``, and forge the ``last_seen_ip`` of its devices.)"""
     srv: ServerProcess = make_server(registration={"shared_secret": "s3cr3t-s3cr3t-s3cr3t"}, admin_api={"allowed_networks": ["10.0.0.0/8"]})
-    resp = srv.client().raw("GET", "/_synapse/admin/v1/register", token=False)
+    anon = srv.client()  # (behind the test cluster's nginx too: it overwrites the header)
+    resp = anon.raw("GET", "/_synapse/admin/v1/register", token=False)
     assert resp.status_code == 404 and resp.json()["errcode"] == "M_UNRECOGNIZED"
+    for headers in FORGED_ADDRESSES:
+        resp = anon.raw("GET", "/_synapse/admin/v1/register", token=False, headers=headers)
+        assert resp.status_code == 404, headers
+    user = srv.client().register()
+    user.raw("GET", "/_matrix/client/v3/account/whoami", headers={"X-Forwarded-For": "198.51.100.66"})
+    devices = user.call("GET", "/_matrix/client/v3/devices")["devices"]
+    assert [d["last_seen_ip"] for d in devices] == ["127.0.0.1"]
+
+
+def test_a_trusted_proxy_passes_on_the_client_address(make_server) -> None:
+    srv: ServerProcess = make_server(
+        registration={"shared_secret": "s3cr3t-s3cr3t-s3cr3t"}, admin_api={"allowed_networks": ["10.0.0.0/8"]},
+        trusted_proxies=["127.0.0.1/32"],
+    )
+    if hasattr(srv, "nginx_proc"):
+        pytest.skip("behind the test cluster's nginx, which overwrites the header with its peer's address")
+    anon = srv.client()
+    assert anon.raw("GET", "/_synapse/admin/v1/register", token=False, headers={"X-Forwarded-For": "10.0.0.1"}).status_code == 200
+    assert anon.raw("GET", "/_synapse/admin/v1/register", token=False, headers={"X-Forwarded-For": "192.0.2.7"}).status_code == 404
 
 
 def _refused_everywhere(client: MatrixHttp, within_s: float = 5) -> bool:
