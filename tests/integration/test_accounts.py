@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import subprocess
+import sys
 import time
 
 import httpx
@@ -219,6 +221,47 @@ def _refused_everywhere(client: MatrixHttp, within_s: float = 5) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_a_login_replaces_a_hash_made_with_weaker_settings(make_server) -> None:
+    """After the operator raises the password-hashing cost, each user's hash is re-made
+    at the new cost when they next log in (the old one keeps working until then)."""
+    import asyncio
+
+    import yaml
+
+    from bastion.app import open_migrated_database
+    from bastion.settings import load_settings
+
+    srv: ServerProcess = make_server(password_hashing={"time_cost": 2, "memory_kib": 2048, "parallelism": 1})
+    weaker = srv.directory / "weaker.yaml"
+    config = yaml.safe_load(srv.config_path.read_text())
+    config["password_hashing"] = {"time_cost": 1, "memory_kib": 1024, "parallelism": 1}
+    weaker.write_text(yaml.safe_dump(config))
+    added = subprocess.run(
+        [sys.executable, "-m", "bastion", "user", "add", "legacy", "--password-file", "-", "--config", str(weaker)],
+        input="legacy password\n", capture_output=True, text=True, cwd=srv.directory,
+    )
+    assert added.returncode == 0, added.stderr
+
+    def stored_hash() -> str:
+        async def read() -> str:
+            db = open_migrated_database(load_settings(srv.config_path))
+            try:
+                return await db.read(lambda txn: txn.fetchval("SELECT password_hash FROM users WHERE user_id = '@legacy:localhost'"))
+            finally:
+                await db.close()
+
+        return asyncio.run(read())
+
+    before = stored_hash()
+    assert "t=1" in before
+    assert login(srv.client(), "legacy", "wrong password").status_code == 403
+    assert stored_hash() == before  # a wrong password changes nothing
+    assert login(srv.client(), "legacy", "legacy password").status_code == 200
+    after = stored_hash()
+    assert after != before and "t=2" in after and "m=2048" in after
+    assert login(srv.client(), "legacy", "legacy password").status_code == 200  # the new hash works
 
 
 def test_cli_user_management_applies_to_running_server(make_server) -> None:

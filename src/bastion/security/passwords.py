@@ -33,9 +33,15 @@ class PasswordHasher:
             self.verify_dummy(password)
             return False
         try:
-            return self._hasher.verify(stored_hash, password)
+            ok: bool = self._hasher.verify(stored_hash, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
-            return False
+            ok = False
+        if self.needs_rehash(stored_hash):
+            # Made with weaker settings than today's (the operator raised the cost since):
+            # it checks faster, which would tell an attacker that the account exists and
+            # is cheap to guess. Spend today's cost too; a login replaces the hash.
+            self.verify_dummy(password)
+        return ok
 
     def verify_dummy(self, password: str) -> None:
         try:

@@ -185,7 +185,13 @@ class AuthService:
             return False
         user = await self._db.read(accounts_store.get_user, user_id)
         stored = user.password_hash if user is not None and not user.is_deactivated else None
-        return await self.passwords.verify(stored, password)
+        ok = await self.passwords.verify(stored, password)
+        if ok and stored is not None and self.passwords.hasher.needs_rehash(stored):
+            # The hash predates today's cost settings: replace it now that the password is
+            # known (unless it changed meanwhile).
+            fresh = await self.passwords.hash(password)
+            await self._db.write(accounts_store.replace_password_hash, user_id, stored, fresh)
+        return ok
 
 
 class UiaService:

@@ -79,6 +79,13 @@ def set_password_hash(txn: Txn, user_id: str, password_hash: str) -> bool:
     return txn.execute("UPDATE users SET password_hash = ? WHERE user_id = ?", (password_hash, user_id)) == 1
 
 
+def replace_password_hash(txn: Txn, user_id: str, old_hash: str, new_hash: str) -> bool:
+    """Swap in a re-made hash of the same password, unless the password changed since."""
+    return txn.execute(
+        "UPDATE users SET password_hash = ? WHERE user_id = ? AND password_hash = ?", (new_hash, user_id, old_hash)
+    ) == 1
+
+
 def set_admin(txn: Txn, user_id: str, is_admin: bool) -> None:
     txn.execute("UPDATE users SET is_admin = ? WHERE user_id = ?", (is_admin, user_id))
     invalidations.record(txn, invalidations.TOKENS, user_id)
