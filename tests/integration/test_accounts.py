@@ -264,6 +264,20 @@ def test_a_login_replaces_a_hash_made_with_weaker_settings(make_server) -> None:
     assert login(srv.client(), "legacy", "legacy password").status_code == 200  # the new hash works
 
 
+def test_a_known_device_keeps_its_name_and_an_empty_device_id_is_refused(server: ServerProcess) -> None:
+    """spec (POST /login): ``initial_device_display_name`` is ignored if ``device_id``
+    names a known device."""
+    user = server.client().register()
+    first = login(server.client(), user.user_id, user.password, device_id="PHONE", initial_device_display_name="My phone")
+    assert first.status_code == 200
+    again = login(server.client(), user.user_id, user.password, device_id="PHONE", initial_device_display_name="Renamed")
+    assert again.status_code == 200
+    device = user.call("GET", "/_matrix/client/v3/devices/PHONE")
+    assert device["display_name"] == "My phone"
+    empty = login(server.client(), user.user_id, user.password, device_id="")
+    assert empty.status_code == 400 and empty.json()["errcode"] == "M_BAD_JSON"
+
+
 def test_cli_user_management_applies_to_running_server(make_server) -> None:
     srv: ServerProcess = make_server()
     added = srv.cli("user", "add", "carol", input="")

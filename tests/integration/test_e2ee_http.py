@@ -244,6 +244,23 @@ def test_a_signed_object_with_malformed_signatures_is_a_failure_not_a_crash(pair
     after = alice.call("POST", "/_matrix/client/v3/keys/query", {"device_keys": {uid: [alice.device_id]}})["device_keys"][uid][alice.device_id]
     assert after["signatures"] == stored["signatures"]
 
+
+def test_a_login_may_not_take_a_cross_signing_key_id_as_its_device_id(pair) -> None:
+    """spec (POST /login, 403): the device ID may not be the same as a cross-signing key
+    ID — both would sign as "ed25519:<id>", and clients could not tell them apart."""
+    alice, _, _ = pair
+    master = Signer()
+    uid = alice.user_id
+    alice.call("POST", "/_matrix/client/v3/keys/device_signing/upload", {
+        "master_key": {"user_id": uid, "usage": ["master"], "keys": {f"ed25519:{master.public}": master.public}}})
+    body = {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": uid}, "password": alice.password}
+    with pytest.raises(MatrixError) as err:
+        alice.call("POST", "/_matrix/client/v3/login", {**body, "device_id": master.public}, token=False)
+    assert err.value.status == 403 and err.value.errcode == "M_FORBIDDEN"
+    devices = alice.call("GET", "/_matrix/client/v3/devices")["devices"]
+    assert master.public not in [d["device_id"] for d in devices]
+    assert alice.call("POST", "/_matrix/client/v3/login", {**body, "device_id": "ANOTHER"}, token=False)["device_id"] == "ANOTHER"
+
 def test_key_backup_versions_and_keys(pair) -> None:
     _, bob, room = pair
     with pytest.raises(MatrixError) as err:

@@ -32,6 +32,7 @@ from bastion.security.tokens import generate_access_token, hash_token
 from bastion.services.auth import AuthService, UiaService
 from bastion.services.requester import current_client
 from bastion.storage import accounts as accounts_store
+from bastion.storage import e2e as e2e_store
 from bastion.storage.database import Database, Txn
 
 NONCE_LIFETIME_S = 60
@@ -62,6 +63,13 @@ class LoginResult:
             "access_token": self.access_token,
             "home_server": server_name,
         }
+
+
+def _device_id(body: dict[str, Any]) -> str | None:
+    device_id = _opt_str(body, "device_id", MAX_DEVICE_ID_LENGTH)
+    if device_id == "":
+        raise BadJson("'device_id' must not be empty")
+    return device_id
 
 
 def _opt_str(body: dict[str, Any], key: str, max_len: int = 1024) -> str | None:
@@ -132,6 +140,10 @@ class AccountService:
         ip, user_agent = current_client.get()
 
         def txn_fn(txn: Txn) -> list[bytes]:
+            if e2e_store.is_cross_signing_key(txn, user_id, device_id):
+                # spec (login): a device ID may not be a cross-signing key's ID; the two
+                # would be indistinguishable in signatures ("ed25519:<id>").
+                raise Forbidden("The device ID is the ID of one of your cross-signing keys")
             old = accounts_store.delete_device_tokens(txn, user_id, device_id)
             accounts_store.upsert_device(txn, user_id, device_id, display_name, ts)
             accounts_store.insert_access_token(txn, token_hash, user_id, device_id, ts)
@@ -192,7 +204,7 @@ class AccountService:
         if password is None:
             raise MissingParam("'password' is required")
         self.check_password_policy(password)
-        device_id = _opt_str(body, "device_id", MAX_DEVICE_ID_LENGTH)
+        device_id = _device_id(body)
         display_name = _opt_str(body, "initial_device_display_name")
         inhibit_login = body.get("inhibit_login", False)
         if not isinstance(inhibit_login, bool):
@@ -297,7 +309,7 @@ class AccountService:
         password = body.get("password")
         if not isinstance(password, str):
             raise BadJson("'password' must be a string")
-        device_id = _opt_str(body, "device_id", MAX_DEVICE_ID_LENGTH)
+        device_id = _device_id(body)
         display_name = _opt_str(body, "initial_device_display_name")
         if not await self._auth.check_password(user_id, password):
             raise Forbidden("Invalid username or password")

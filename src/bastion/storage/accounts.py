@@ -149,11 +149,12 @@ def _device_binding(user_id: str, device_id: str, field: str) -> str:
 
 
 def upsert_device(txn: Txn, user_id: str, device_id: str, display_name: str | None, now_ms: int) -> None:
+    """Create the device unless it exists. ``display_name`` is only for a new device
+    (spec: ``initial_device_display_name`` is ignored for a known device)."""
     sealed = seal_text(txn, "user", user_id, _device_binding(user_id, device_id, "name"), display_name)
     txn.execute(
         "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (user_id, device_id) DO UPDATE SET display_name = "
-        "COALESCE(excluded.display_name, devices.display_name)",
+        "ON CONFLICT (user_id, device_id) DO NOTHING",
         (user_id, device_id, sealed, now_ms),
     )
 

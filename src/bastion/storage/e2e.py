@@ -149,6 +149,13 @@ def get_cross_signing_keys(txn: Txn, user_id: str) -> dict[str, dict[str, Any]]:
     return {r[0]: orjson.loads(r[1]) for r in rows}
 
 
+def is_cross_signing_key(txn: Txn, user_id: str, key_id: str) -> bool:
+    """Whether ``key_id`` is the public key (the ID) of one of the user's cross-signing keys."""
+    return txn.fetchone(
+        "SELECT 1 FROM e2e_cross_signing_keys WHERE user_id = ? AND public_key = ?", (user_id, key_id)
+    ) is not None
+
+
 def set_cross_signing_key(txn: Txn, user_id: str, usage: str, public_key: str, key: dict[str, Any]) -> None:
     txn.execute(
         "INSERT INTO e2e_cross_signing_keys (user_id, usage, public_key, key) VALUES (?, ?, ?, ?) "
