@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ServerProcess, TestDatabase, start_server
+from tests.harness import MatrixHttp, ServerProcess, TestDatabase, start_server
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,15 @@ def test_database() -> Iterator[TestDatabase]:
     db = TestDatabase(os.environ.get("BASTION_TEST_DATABASE", "sqlite"))
     yield db
     db.cleanup()
+
+
+@pytest.fixture
+def room_pair(server: ServerProcess) -> tuple[MatrixHttp, MatrixHttp, str]:
+    """Alice and Bob, both joined to a room Alice created: (alice, bob, room_id)."""
+    alice, bob = server.client().register(), server.client().register()
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    return alice, bob, room
 
 
 @pytest.fixture(scope="session")

@@ -308,16 +308,23 @@ def test_concurrent_cold_loads_of_the_same_rooms_share_one_load(make_server) -> 
     asyncio.run(check())
 
 
-def test_a_cancelled_cold_load_leaves_no_room_marked_as_loading(make_server, monkeypatch) -> None:
-    """A request cancelled (its client hung up) while its rooms are loading, some batches
-    not even started, must not leave those rooms marked as loading: the next request for
-    them would wait forever."""
+def _rooms_loaded_one_at_a_time(make_server, monkeypatch) -> tuple[ServerProcess, list[str]]:
+    """A stopped server's rooms, for a RoomCache of the test's own that loads them one
+    room per batch, one batch at a time (so a load can be caught half-way)."""
     srv: ServerProcess = make_server()
     alice, bob, carol = (srv.client().register() for _ in range(3))
     rooms = list(_build_rooms(alice, bob, carol).values())
     srv.stop()
-    monkeypatch.setattr(caches, "LOAD_BATCH", 1)  # one batch per room
-    monkeypatch.setattr(caches, "LOAD_PARALLEL", {"sqlite": 1, "postgres": 1})  # the others wait their turn
+    monkeypatch.setattr(caches, "LOAD_BATCH", 1)
+    monkeypatch.setattr(caches, "LOAD_PARALLEL", {"sqlite": 1, "postgres": 1})
+    return srv, rooms
+
+
+def test_a_cancelled_cold_load_leaves_no_room_marked_as_loading(make_server, monkeypatch) -> None:
+    """A request cancelled (its client hung up) while its rooms are loading, some batches
+    not even started, must not leave those rooms marked as loading: the next request for
+    them would wait forever."""
+    srv, rooms = _rooms_loaded_one_at_a_time(make_server, monkeypatch)
 
     async def check() -> None:
         db = open_migrated_database(load_settings(srv.config_path))
@@ -344,12 +351,7 @@ def test_a_request_waiting_for_a_cancelled_load_loads_the_rooms_itself(make_serv
     """Two requests need the same cold rooms; the one that started loading them is
     cancelled (its client hung up). The other one waited for that load: it must still
     get every room, not fail because someone else's client went away."""
-    srv: ServerProcess = make_server()
-    alice, bob, carol = (srv.client().register() for _ in range(3))
-    rooms = list(_build_rooms(alice, bob, carol).values())
-    srv.stop()
-    monkeypatch.setattr(caches, "LOAD_BATCH", 1)  # one batch per room
-    monkeypatch.setattr(caches, "LOAD_PARALLEL", {"sqlite": 1, "postgres": 1})  # the others wait their turn
+    srv, rooms = _rooms_loaded_one_at_a_time(make_server, monkeypatch)
 
     async def check() -> None:
         db = open_migrated_database(load_settings(srv.config_path))

@@ -10,14 +10,6 @@ import pytest
 from tests.harness import MatrixError, MatrixHttp, ServerProcess
 
 
-@pytest.fixture
-def room_pair(server: ServerProcess) -> tuple[MatrixHttp, MatrixHttp, str]:
-    alice, bob = server.client().register(), server.client().register()
-    room = alice.create_room(invite=[bob.user_id])
-    bob.join(room)
-    return alice, bob, room
-
-
 def ephemeral(sync: dict, room: str) -> dict[str, dict]:
     events = sync["rooms"].get("join", {}).get(room, {}).get("ephemeral", {}).get("events", [])
     return {e["type"]: e["content"] for e in events}

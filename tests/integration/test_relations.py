@@ -9,14 +9,6 @@ import pytest
 from tests.harness import MatrixError, MatrixHttp, ServerProcess
 
 
-@pytest.fixture
-def room_pair(server: ServerProcess) -> tuple[MatrixHttp, MatrixHttp, str]:
-    alice, bob = server.client().register(), server.client().register()
-    room = alice.create_room(invite=[bob.user_id])
-    bob.join(room)
-    return alice, bob, room
-
-
 def edit(original: str, text: str) -> dict:
     return {"msgtype": "m.text", "body": f"* {text}", "m.new_content": {"msgtype": "m.text", "body": text},
             "m.relates_to": {"rel_type": "m.replace", "event_id": original}}

@@ -23,14 +23,6 @@ def _random_text(n: int) -> str:
     return secrets.token_urlsafe(n)[:n]
 
 
-@pytest.fixture
-def room_pair(server: ServerProcess) -> tuple[MatrixHttp, MatrixHttp, str]:
-    alice, bob = server.client().register(), server.client().register()
-    room = alice.create_room(invite=[bob.user_id])
-    bob.join(room)
-    return alice, bob, room
-
-
 def _still_readable(user: MatrixHttp, room: str, since: str) -> dict:
     user.sync()
     user.sync(since=since)
