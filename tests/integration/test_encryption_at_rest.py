@@ -293,7 +293,7 @@ def shared_room(owner: MatrixHttp, *members: MatrixHttp, **create: Any) -> str:
 CANARY_LABELS = (
     "message", "searchword", "redacted", "roomname", "topic", "newtopic", "displayname", "avatar", "profilefield",
     "accountdata", "roomaccountdata", "todevice", "devicename", "useragent", "filter", "pushrule",
-    "pushtweak", "pusherapp", "pusherdevice", "pusherdata",
+    "pushtweak", "pusherapp", "pusherdevice", "pusherdata", "defaultruleactions",
 )
 
 
@@ -337,6 +337,9 @@ def write_canaries(srv: ServerProcess) -> dict[str, str]:
         "conditions": [{"kind": "event_match", "key": "content.body", "pattern": "*lunch*"}],
         "actions": ["notify", {"set_tweak": "sound", "value": c["pushtweak"]}]})
     lunch = alice.send(room, "lunch?")
+    # New actions for a server-default rule are stored apart from the user's own rules.
+    alice.call("PUT", "/_matrix/client/v3/pushrules/global/underride/.m.rule.message/actions",
+               {"actions": ["notify", {"set_tweak": "sound", "value": c["defaultruleactions"]}]})
 
     # Everything reads back (the server can decrypt what it stored) ...
     assert alice.call("GET", f"/_matrix/client/v3/rooms/{q(room)}/event/{q(message_id)}")["content"]["body"] == c["message"]
@@ -359,6 +362,8 @@ def write_canaries(srv: ServerProcess) -> dict[str, str]:
         ["notify", {"set_tweak": "sound", "value": c["pushtweak"]}]]
     state = alice.call("GET", f"/_matrix/client/v3/rooms/{q(room)}/state/m.room.topic")
     assert state["topic"] == c["newtopic"]
+    default_rule = alice.call("GET", "/_matrix/client/v3/pushrules/global/underride/.m.rule.message/actions")
+    assert default_rule["actions"] == ["notify", {"set_tweak": "sound", "value": c["defaultruleactions"]}]
 
     # ... and search finds the word (searching in lower case: the index normalises).
     results = alice.call("POST", "/_matrix/client/v3/search", {
@@ -917,6 +922,11 @@ def test_purged_room_cannot_be_read_from_an_old_backup_after_kek_rotation(make_s
     if heap_before is not None:
         assert all(bytes(row[5]) in heap_before for row in purged_keys)  # control: findable where it exists
 
+    sent_ids = [eid for eid, _ in backup_events]
+    with raw_db(srv) as db:  # control: the room's sends left idempotency records
+        assert db.value(
+            f"SELECT COUNT(*) FROM event_txns WHERE event_id IN ({', '.join('?' for _ in sent_ids)})", tuple(sent_ids)) >= 3
+
     # Purge through the admin API: members are removed, rows deleted, keys destroyed.
     resp = admin.raw("DELETE", f"/_synapse/admin/v1/rooms/{q(purged)}", json={})
     assert resp.status_code == 200, resp.text
@@ -933,6 +943,10 @@ def test_purged_room_cannot_be_read_from_an_old_backup_after_kek_rotation(make_s
         event_ids = [eid for eid, _ in backup_events]
         assert db.value(
             f"SELECT COUNT(*) FROM events WHERE event_id IN ({', '.join('?' for _ in event_ids)})", tuple(event_ids)) == 0
+        # The idempotent-send records (client transaction IDs, event types, the room in
+        # their scope) have no room_id column: they go by the events they recorded.
+        assert db.value(
+            f"SELECT COUNT(*) FROM event_txns WHERE event_id IN ({', '.join('?' for _ in event_ids)})", tuple(event_ids)) == 0
         key_states = db.rows("SELECT scope, state, wrapped FROM encryption_keys WHERE scope_id = ?", (purged,))
         assert sorted((s, st, w) for s, st, w in key_states) == sorted((row[1], "destroyed", None) for row in purged_keys)
     if not is_postgres(srv):
@@ -1003,11 +1017,22 @@ def test_erasing_deactivation_destroys_the_user_key_and_data(make_server: Any) -
     bob.call("PUT", f"/_matrix/client/v3/sendToDevice/org.example.secret/{uuid.uuid4().hex}",
              {"messages": {alice.user_id: {alice.device_id: {"secret": secret}}}})
     said = [alice.send(room, f"alice says {i}") for i in range(3)]
+    alice.call("PUT", "/_matrix/client/v3/pushrules/global/underride/.m.rule.message/actions",
+               {"actions": ["notify", {"set_tweak": "sound", "value": secret}]})
+    backup = alice.call("POST", "/_matrix/client/v3/room_keys/version", {
+        "algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": {"public_key": secret}})["version"]
+    alice.call("PUT", f"/_matrix/client/v3/room_keys/keys/{q(room)}/session1", {
+        "first_message_index": 0, "forwarded_count": 0, "is_verified": False, "session_data": {"ciphertext": secret}},
+        params={"version": backup})
+    erased_tables = (
+        "profile_fields", "account_data", "filters", "push_rules", "push_rules_enabled", "pushers", "to_device_inbox",
+        "e2e_backup_versions", "e2e_backup_keys",
+    )
 
     with raw_db(srv) as db:
         user_keys = db.rows("SELECT id, state FROM encryption_keys WHERE scope = 'user' AND scope_id = ?", (alice.user_id,))
         assert user_keys and all(state == "active" or state == "retired" for _, state in user_keys)
-        for table in ("profile_fields", "account_data", "filters", "push_rules", "pushers", "to_device_inbox"):
+        for table in erased_tables:
             assert db.value(f"SELECT COUNT(*) FROM {table} WHERE user_id = ?", (alice.user_id,)) > 0, table
 
     first = alice.raw("POST", "/_matrix/client/v3/account/deactivate", json={"erase": True})
@@ -1022,7 +1047,7 @@ def test_erasing_deactivation_destroys_the_user_key_and_data(make_server: Any) -
     with raw_db(srv) as db:
         states = db.rows("SELECT state, wrapped FROM encryption_keys WHERE scope = 'user' AND scope_id = ?", (alice.user_id,))
         assert states and all(state == "destroyed" and wrapped is None for state, wrapped in states), states
-        for table in ("profile_fields", "account_data", "filters", "push_rules", "pushers", "to_device_inbox"):
+        for table in erased_tables:
             assert db.value(f"SELECT COUNT(*) FROM {table} WHERE user_id = ?", (alice.user_id,)) == 0, table
         assert db.rows("SELECT displayname, avatar_url FROM profiles WHERE user_id = ?", (alice.user_id,)) in ([], [(None, None)])
         names = db.rows("SELECT display_name FROM devices WHERE user_id = ?", (alice.user_id,))
@@ -1037,6 +1062,15 @@ def test_erasing_deactivation_destroys_the_user_key_and_data(make_server: Any) -
     bob.sync()
     profile = bob.raw("GET", f"/_matrix/client/v3/profile/{a}")
     assert secret not in profile.text
+
+    # The last-seen data gathered in memory before the erasure is written at the next
+    # flush (here: on shutdown). It must not bring the erased user a new data key.
+    srv.restart()
+    with raw_db(srv) as db:
+        states = db.rows("SELECT state FROM encryption_keys WHERE scope = 'user' AND scope_id = ?", (alice.user_id,))
+        assert {state for (state,) in states} == {"destroyed"}, states
+        seen = db.rows("SELECT last_seen_ip, last_seen_user_agent FROM devices WHERE user_id = ?", (alice.user_id,))
+        assert all(ip is None and ua is None for ip, ua in seen), seen
 
     # Nothing is left under the destroyed key, and a full rotation afterwards still works.
     status = keys_status(srv)

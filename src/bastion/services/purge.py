@@ -26,12 +26,15 @@ from bastion.services.requester import system_requester
 from bastion.services.rooms import RoomService
 from bastion.storage import accounts as accounts_store
 from bastion.storage import keys as keys_store
-from bastion.storage.database import Database, Txn
+from bastion.storage.database import SECURE_DELETE_DEFAULT, Database, Txn
 
 log = logging.getLogger(__name__)
 
 # Tables keyed by user whose rows hold that user's sealed data and go with an erasure.
-USER_TABLES = ("profile_fields", "account_data", "filters", "to_device_inbox", "push_rules", "pushers")
+USER_TABLES = (
+    "profile_fields", "account_data", "filters", "to_device_inbox", "push_rules", "push_rules_enabled", "pushers",
+    "e2e_backup_keys", "e2e_backup_versions",
+)
 
 
 def tables_with_column(txn: Txn, column: str) -> list[str]:
@@ -48,15 +51,19 @@ def tables_with_column(txn: Txn, column: str) -> list[str]:
 
 
 def _secure(txn: Txn, on: bool = True) -> None:
-    """SQLite: overwrite deleted content with zeros (instead of leaving it in free pages)."""
+    """SQLite: overwrite everything deleted with zeros, free pages included (on), or go
+    back to the connection's default (zeroing where it costs no extra I/O)."""
     if txn.dialect == "sqlite":
-        txn.execute(f"PRAGMA secure_delete = {'ON' if on else 'OFF'}")
+        txn.execute(f"PRAGMA secure_delete = {'ON' if on else SECURE_DELETE_DEFAULT}")
 
 
 def purge_room_rows(txn: Txn, room_id: str) -> tuple[list[int], list[str]]:
     """Delete every row of the room and destroy its keys. Returns (destroyed DEK ids, members)."""
     _secure(txn)
     members = [r[0] for r in txn.fetchall("SELECT user_id FROM memberships WHERE room_id = ?", (room_id,))]
+    # Idempotent-send records name the room's events, types and clients' transaction IDs
+    # but have no room_id column: they go by the events they recorded.
+    txn.execute("DELETE FROM event_txns WHERE event_id IN (SELECT event_id FROM events WHERE room_id = ?)", (room_id,))
     for table in tables_with_column(txn, "room_id"):
         txn.execute(f'DELETE FROM "{table}" WHERE room_id = ?', (room_id,))
     destroyed = keys_store.destroy_scope_keys(txn, "room", room_id)

@@ -259,7 +259,19 @@ def delete_all_devices(txn: Txn, user_id: str, except_device: str | None = None)
 
 
 def touch_devices(txn: Txn, rows: list[tuple[int, str | None, str | None, str, str]]) -> None:
-    """Batch update of last-seen data: (ts, ip, user_agent, user_id, device_id). IPs are personal data: sealed."""
+    """Batch update of last-seen data: (ts, ip, user_agent, user_id, device_id). IPs are personal data: sealed.
+
+    Only for devices that still exist, of users not deactivated: the data is gathered in
+    memory for a while, and an account erased meanwhile must not get a new data key and
+    its devices' addresses written back after the erasure."""
+    if not rows:
+        return
+    where, params = txn.any_of("d.user_id", sorted({row[3] for row in rows}))
+    live = set(txn.fetchall(
+        f"SELECT d.user_id, d.device_id FROM devices d JOIN users u ON u.user_id = d.user_id "
+        f"WHERE {where} AND NOT u.is_deactivated",
+        params,
+    ))
     sealed = [
         (
             ts,
@@ -269,6 +281,7 @@ def touch_devices(txn: Txn, rows: list[tuple[int, str | None, str | None, str, s
             device,
         )
         for ts, ip, ua, user, device in rows
+        if (user, device) in live
     ]
     txn.executemany(
         "UPDATE devices SET last_seen_ts = ?, last_seen_ip = ?, last_seen_user_agent = ? "

@@ -66,6 +66,8 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
                  lambda k: f"push_rule|{k[0]}|{k[1]}|{k[2]}"),
     SealedColumn("pushers", ("user_id", "app_id", "pushkey"), "data", "user", "user_id", False,
                  lambda k: f"pusher|{k[0]}|{k[1]}|{k[2]}"),
+    SealedColumn("push_rules_enabled", ("user_id", "rule_id"), "actions", "user", "user_id", False,
+                 lambda k: f"push_rule_actions|{k[0]}|{k[1]}"),
 )
 
 

@@ -21,7 +21,10 @@ def user_rules(txn: Txn, user_id: str) -> list[tuple[str, str, int, dict[str, An
 
 def default_overrides(txn: Txn, user_id: str) -> dict[str, tuple[bool, list[Any] | None]]:
     rows = txn.fetchall("SELECT rule_id, enabled, actions FROM push_rules_enabled WHERE user_id = ?", (user_id,))
-    return {r[0]: (bool(r[1]), orjson.loads(r[2]) if r[2] is not None else None) for r in rows}
+    return {
+        r[0]: (bool(r[1]), orjson.loads(unseal(txn, f"push_rule_actions|{user_id}|{r[0]}", r[2])) if r[2] is not None else None)
+        for r in rows
+    }
 
 
 def put_user_rule(txn: Txn, user_id: str, kind: str, rule_id: str, priority: int, rule: dict[str, Any]) -> None:
@@ -42,7 +45,11 @@ def put_default_override(txn: Txn, user_id: str, rule_id: str, enabled: bool, ac
     txn.execute(
         "INSERT INTO push_rules_enabled (user_id, rule_id, enabled, actions) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (user_id, rule_id) DO UPDATE SET enabled = excluded.enabled, actions = excluded.actions",
-        (user_id, rule_id, enabled, orjson.dumps(actions) if actions is not None else None),
+        (
+            user_id, rule_id, enabled,
+            seal(txn, "user", user_id, f"push_rule_actions|{user_id}|{rule_id}", orjson.dumps(actions))
+            if actions is not None else None,
+        ),
     )
 
 
