@@ -100,30 +100,28 @@ class Txn:
     def _sql(self, sql: str) -> str:
         return sql if self.dialect == "sqlite" else _to_psycopg(sql)
 
-    def _exec(self, sql: str, params: Sequence[Any]) -> None:
+    def _exec(self, run: Callable[[str, Any], Any], sql: str, params: Any) -> None:
+        """``run`` (the cursor's execute or executemany) with a refused value as StorageRejected."""
         try:
-            self._cursor.execute(self._sql(sql), params)
+            run(self._sql(sql), params)
         except self._refused as exc:
             raise _rejected(exc) from exc
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        self._exec(sql, params)
+        self._exec(self._cursor.execute, sql, params)
         return self._cursor.rowcount
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         if rows:
-            try:
-                self._cursor.executemany(self._sql(sql), rows)
-            except self._refused as exc:
-                raise _rejected(exc) from exc
+            self._exec(self._cursor.executemany, sql, rows)
 
     def fetchone(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
-        self._exec(sql, params)
+        self._exec(self._cursor.execute, sql, params)
         return self._cursor.fetchone()
 
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        self._exec(sql, params)
+        self._exec(self._cursor.execute, sql, params)
         return self._cursor.fetchall()
 
     def fetchval(self, sql: str, params: Sequence[Any] = ()) -> Any:
