@@ -97,14 +97,12 @@ def _in_ranges(txn: Txn, ranges: Ranges) -> tuple[str, list[Any]]:
     """A condition "in one of these rooms, between these stream positions" (exclusive;
     ``None``: no upper bound) and its parameters. Rooms visible from their start are
     one ``IN`` list."""
-    whole = [room_id for room_id, spans in ranges.items() if spans == [(-1, None)]]
+    whole: list[str] = []
     clauses: list[str] = []
     params: list[Any] = []
-    if whole:
-        clauses.append(f"room_id IN ({txn.in_list(whole)})")
-        params += whole
     for room_id, spans in ranges.items():
         if spans == [(-1, None)]:
+            whole.append(room_id)
             continue
         alternatives = []
         params.append(room_id)
@@ -116,6 +114,9 @@ def _in_ranges(txn: Txn, ranges: Ranges) -> tuple[str, list[Any]]:
                 alternatives.append("(stream_ordering > ? AND stream_ordering < ?)")
                 params += [after, before]
         clauses.append(f"(room_id = ? AND ({' OR '.join(alternatives)}))")
+    if whole:
+        clauses.append(f"room_id IN ({txn.in_list(whole)})")
+        params += whole
     return "(" + " OR ".join(clauses) + ")", params
 
 
