@@ -11,8 +11,10 @@ and that the in-memory shortcuts agree with the database on real rooms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from bastion.app import open_migrated_database
@@ -320,6 +322,29 @@ def _rooms_loaded_one_at_a_time(make_server, monkeypatch) -> tuple[ServerProcess
     return srv, rooms
 
 
+@contextlib.asynccontextmanager
+async def _load_under_way(srv: ServerProcess, rooms: list[str]) -> AsyncIterator[tuple[RoomCache, asyncio.Future[Any]]]:
+    """A RoomCache on the stopped server's database, and a ``get_many(rooms)`` that has
+    marked every room as loading and is reading the first."""
+    db = open_migrated_database(load_settings(srv.config_path))
+    try:
+        cache = RoomCache(db, EventCache(db))
+        first = asyncio.ensure_future(cache.get_many(rooms))
+        while not cache._loading:
+            await asyncio.sleep(0)
+        yield cache, first
+    finally:
+        await db.close()
+
+
+async def _cancelled(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
 def test_a_cancelled_cold_load_leaves_no_room_marked_as_loading(make_server, monkeypatch) -> None:
     """A request cancelled (its client hung up) while its rooms are loading, some batches
     not even started, must not leave those rooms marked as loading: the next request for
@@ -327,22 +352,11 @@ def test_a_cancelled_cold_load_leaves_no_room_marked_as_loading(make_server, mon
     srv, rooms = _rooms_loaded_one_at_a_time(make_server, monkeypatch)
 
     async def check() -> None:
-        db = open_migrated_database(load_settings(srv.config_path))
-        try:
-            cache = RoomCache(db, EventCache(db))
-            first = asyncio.ensure_future(cache.get_many(rooms))
-            while not cache._loading:  # the loads are registered, the first is reading
-                await asyncio.sleep(0)
-            first.cancel()
-            try:
-                await first
-            except asyncio.CancelledError:
-                pass
+        async with _load_under_way(srv, rooms) as (cache, first):
+            await _cancelled(first)
             assert cache._loading == {}
             found = await asyncio.wait_for(cache.get_many(rooms), timeout=30)
             assert set(found) == set(rooms)
-        finally:
-            await db.close()
 
     asyncio.run(check())
 
@@ -354,26 +368,15 @@ def test_a_request_waiting_for_a_cancelled_load_loads_the_rooms_itself(make_serv
     srv, rooms = _rooms_loaded_one_at_a_time(make_server, monkeypatch)
 
     async def check() -> None:
-        db = open_migrated_database(load_settings(srv.config_path))
-        try:
-            cache = RoomCache(db, EventCache(db))
-            first = asyncio.ensure_future(cache.get_many(rooms))
-            while not cache._loading:  # the loads are registered, the first is reading
-                await asyncio.sleep(0)
+        async with _load_under_way(srv, rooms) as (cache, first):
             second = asyncio.ensure_future(cache.get_many(rooms))
             for _ in range(3):
                 await asyncio.sleep(0)
             assert not second.done()  # it waits for the first one's loads
-            first.cancel()
-            try:
-                await first
-            except asyncio.CancelledError:
-                pass
+            await _cancelled(first)
             found = await asyncio.wait_for(second, timeout=30)
             assert set(found) == set(rooms)
             assert all(found[room_id] is cache.cached(room_id) for room_id in rooms)
             assert cache._loading == {}
-        finally:
-            await db.close()
 
     asyncio.run(check())
