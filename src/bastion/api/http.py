@@ -423,6 +423,11 @@ class RouteTable:
         self.routes.append(Route(method, regex, names, handler, auth, admin_network, template, pattern))
         self._by_method = None
 
+    def compile(self) -> None:
+        """Build the per-method expressions now (~10 ms for ~130 routes) rather than in
+        the first request after a start."""
+        self._compiled()
+
     def _compiled(self) -> dict[str, tuple[re.Pattern[str], dict[int, Route]]]:
         if self._by_method is None:
             by_method: dict[str, tuple[re.Pattern[str], dict[int, Route]]] = {}
@@ -488,6 +493,7 @@ class MatrixApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
+                    self._routes.compile()
                     self.hs = await self._hs_factory()
                 except Exception as exc:
                     log.error("start-up failed: %s", exc)
