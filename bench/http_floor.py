@@ -8,7 +8,12 @@ least any request can cost on this stack; what a /sync or a send costs in Bastio
 above it is the application's work (docs/performance.md, "What the #7 throughput
 target needs").
 
-    .venv/bin/python bench/http_floor.py [--connections 50] [--duration 10]
+It also reports the *client's* CPU per request, for either HTTP client the load
+generator can use (``--client aiohttp`` or ``rawhttp``, see ``bench/rawhttp.py``, on uvloop as the
+load generator runs them; each
+request's JSON answer is decoded, as the load generator does).
+
+    .venv/bin/python bench/http_floor.py [--connections 50] [--duration 10] [--client rawhttp]
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pathlib import Path
 
 import aiohttp
 from benchlib import free_port
-from loadgen import process_cpu_seconds
+from loadgen import loads, process_cpu_seconds, run_async
+from rawhttp import HttpClient
 
 APP = '''
 BODY = b'{"next_batch":"s1_2_3_4_5_6_7","rooms":{},"to_device":{"events":[]}}'
@@ -37,27 +43,43 @@ async def app(scope, receive, send):
 '''
 
 
-async def drive(url: str, connections: int, duration: float, pid: int) -> tuple[int, float, float]:
+async def drive(
+    base: str, target: str, client: str, connections: int, duration: float, pid: int
+) -> tuple[int, float, float, float]:
+    """(requests, seconds, server CPU seconds, client CPU seconds) of the measured run."""
     count = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
-        async def one(stop: float) -> None:
+        raw = HttpClient(base)
+
+        async def one_aiohttp(stop: float) -> None:
             nonlocal count
             while time.monotonic() < stop:
-                async with session.get(url) as resp:
-                    await resp.read()
+                async with session.get(base + target) as resp:
+                    loads(await resp.read())
                     count += 1
 
+        async def one_raw(stop: float) -> None:
+            nonlocal count
+            while time.monotonic() < stop:
+                _, body = await raw.request("GET", target)
+                loads(body)
+                count += 1
+
+        one = one_raw if client == "rawhttp" else one_aiohttp
         await asyncio.gather(*(one(time.monotonic() + 1.0) for _ in range(connections)))  # warm-up
         count = 0
-        cpu0, t0 = process_cpu_seconds(pid), time.monotonic()
+        cpu0, t0, own0 = process_cpu_seconds(pid), time.monotonic(), time.process_time()
         await asyncio.gather(*(one(t0 + duration) for _ in range(connections)))
-        return count, time.monotonic() - t0, process_cpu_seconds(pid) - cpu0
+        own = time.process_time() - own0
+        raw.close()
+        return count, time.monotonic() - t0, process_cpu_seconds(pid) - cpu0, own
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--client", choices=["aiohttp", "rawhttp"], default="aiohttp")
     a = p.parse_args()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,13 +91,16 @@ def main() -> None:
         )
         try:
             time.sleep(1.5)
-            url = f"http://127.0.0.1:{port}/_matrix/client/v3/sync?since=s1_2_3_4_5_6_7&timeout=30000"
-            count, seconds, cpu = asyncio.run(drive(url, a.connections, a.duration, server.pid))
+            target = "/_matrix/client/v3/sync?since=s1_2_3_4_5_6_7&timeout=30000"
+            count, seconds, cpu, own = run_async(
+                drive(f"http://127.0.0.1:{port}", target, a.client, a.connections, a.duration, server.pid)
+            )
         finally:
             server.terminate()
             server.wait()
     print(f"{count / seconds:,.0f} requests/s; server {cpu / seconds:.2f} cores, "
-          f"{cpu / count * 1e6:.0f} us of server CPU per request ({a.connections} connections, {seconds:.1f} s)")
+          f"{cpu / count * 1e6:.0f} us of server CPU per request; client ({a.client}) "
+          f"{own / seconds:.2f} cores, {own / count * 1e6:.0f} us per request ({a.connections} connections, {seconds:.1f} s)")
 
 
 if __name__ == "__main__":
