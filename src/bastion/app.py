@@ -447,6 +447,7 @@ class Homeserver:
         self.replicator.register(
             invalidations_store.STREAM, StreamHandler(invalidations_store.load, self._apply_invalidations),
             invalidations_position,
+            applied_first=True,
         )
 
     async def _apply_remote_events(self, loaded: Any, upto: int) -> None:

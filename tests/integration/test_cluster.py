@@ -338,6 +338,39 @@ def test_one_time_key_counts_follow_claims_made_on_other_workers(cluster: Any) -
         assert [counts(i) for i in range(3)] == [4 - n] * 3
 
 
+def test_a_long_poll_woken_after_a_claim_elsewhere_reports_the_new_count(cluster: Any) -> None:
+    """The olm handshake: Alice claims one of Bob's one-time keys through one worker, then
+    sends him a to-device message through it. Bob's long-poll on another worker is woken
+    by the message, and that answer must already count the claim — a client that sees the
+    old count does not replace the key it lost until some later answer."""
+    srv: ClusterProcess = cluster(workers=2)
+    alice, bob = srv.client().register(), srv.client().register()
+    keys = {f"curve25519:K{n}": f"key{n}" for n in range(5)}
+    bob_0, bob_1, alice_0 = on_worker(srv, 0, bob), on_worker(srv, 1, bob), on_worker(srv, 0, alice)
+    bob_0.call("POST", "/_matrix/client/v3/keys/upload", {"one_time_keys": keys})
+    for attempt in range(3):
+        first = bob_1.sync()  # the count is now cached on worker 1
+        assert first["device_one_time_keys_count"]["curve25519"] == 5 - attempt
+        woke: dict[str, Any] = {}
+
+        def poll(since: str = first["next_batch"], woke: dict[str, Any] = woke) -> None:
+            woke["sync"] = bob_1.sync(since=since, timeout=20000)
+
+        thread = threading.Thread(target=poll)
+        thread.start()
+        time.sleep(0.5)
+        claim = {"one_time_keys": {bob.user_id: {bob.device_id: "curve25519"}}}
+        assert alice_0.call("POST", "/_matrix/client/v3/keys/claim", claim)["one_time_keys"][bob.user_id]
+        alice_0.call(
+            "PUT", f"/_matrix/client/v3/sendToDevice/m.room.encrypted/t{attempt}",
+            {"messages": {bob.user_id: {bob.device_id: {"n": attempt}}}},
+        )
+        thread.join(10)
+        answer = woke["sync"]
+        assert [e["content"] for e in answer["to_device"]["events"]] == [{"n": attempt}]
+        assert answer["device_one_time_keys_count"]["curve25519"] == 4 - attempt
+
+
 @pytest.mark.skipif(not os.environ.get("BASTION_TEST_PG_RESTART"), reason="set BASTION_TEST_PG_RESTART to a command that restarts PostgreSQL")
 def test_postgres_restart_fails_clearly_then_recovers(cluster: Any) -> None:
     srv: ClusterProcess = cluster(workers=2)

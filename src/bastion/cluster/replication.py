@@ -19,7 +19,10 @@ position *n* before it has applied everything below *n*. So:
 * the ``invalidations`` stream carries no client data: each row names cache entries
   (a user's access tokens, a device's one-time key counts) that a write on some worker
   made stale. Catching up on it drops them, so with the barrier below a revoked token
-  fails on the next request to any worker, even with the bus down.
+  fails on the next request to any worker, even with the bus down. Every other
+  stream's catch-up applies the invalidations committed so far *before* it wakes
+  anyone: a long-poll woken by, say, the to-device message that follows a one-time
+  key claim on another worker must not answer with the count from before the claim.
 
 With one process and no Redis there are no other writers: nothing is polled, and
 catching up never has anything to do.
@@ -69,14 +72,21 @@ class Replicator:
         self._barrier_task: asyncio.Task[None] | None = None
         self._barrier_generation = 0
         self._barrier_started_gen = 0
+        # The stream every other stream's catch-up applies first (see the module docstring).
+        self._first: str | None = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def register(self, stream: str, handler: StreamHandler, position: int | None = None) -> None:
-        """``position``: where a stream not in the constructor's positions starts."""
+    def register(
+        self, stream: str, handler: StreamHandler, position: int | None = None, *, applied_first: bool = False
+    ) -> None:
+        """``position``: where a stream not in the constructor's positions starts;
+        ``applied_first``: catch up on this stream before applying any other's changes."""
+        if applied_first:
+            self._first = stream
         if stream not in self.applied:
             if position is None:
                 raise ValueError(f"stream {stream!r} needs a starting position")
@@ -118,6 +128,10 @@ class Replicator:
         started = time.perf_counter()
         if handler is not None:
             rows = await self._db.read(handler.load, after, upto)
+            if self._first is not None and stream != self._first:
+                # Read after this stream's rows, so it sees every invalidation committed
+                # before them (one small query; the rows only when behind).
+                await self.catch_up(self._first)
             await handler.apply(rows, upto)
         self.applied[stream] = max(self.applied[stream], upto)
         metrics.CATCHUP_SECONDS.observe(time.perf_counter() - started)
@@ -126,7 +140,9 @@ class Replicator:
         if not self.clustered:
             return
         current = {r[0]: int(r[1]) for r in await self._db.fetch_one_statement(streams_store.POSITIONS_SQL)}
-        for stream, position in current.items():
+        first = [self._first] if self._first in current else []
+        for stream in [*first, *(s for s in current if s != self._first)]:
+            position = current[stream]
             if stream in self._locks and position > self.applied[stream]:
                 await self.catch_up(stream, position)
 
