@@ -9,8 +9,14 @@ serves Bastion with, a dependency already), ~30 µs per request: measured with
 ``bench/http_floor.py --client``, docs/performance.md.
 
 What it does not do, because the load generator does not need it: TLS, redirects,
-cookies, compression, proxies, ``Expect: 100-continue``, pipelining. A connection
-carries one request at a time; idle connections are reused last-in first-out.
+cookies, compression, proxies, ``Expect: 100-continue``, pipelining, HEAD requests,
+``1xx`` answers, bodies delimited by the server closing the connection (uvicorn and
+nginx send neither). A connection carries one request at a time; idle connections are
+reused last-in first-out. As aiohttp does, a request that fails on a *reused*
+connection before any byte of an answer arrived (the server closed it while idle) is
+sent once more on a new one; the timeout covers connecting, sending and the answer.
+Errors are Python's own (``ConnectionError`` and its subclasses, ``TimeoutError``,
+``OSError``), so the load generator's error counts name them, not aiohttp's classes.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class _Connection(asyncio.Protocol):
         self.chunks: list[bytes] = []
         self.closed = False
         self.keep_alive = True
+        self.answering = False  # a byte of the current request's answer has arrived
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -37,6 +44,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        self.answering = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -74,7 +82,10 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def send(self, data: bytes) -> asyncio.Future[tuple[int, bytes]]:
-        assert self.transport is not None and self.waiter is None
+        if self.closed or self.transport is None:
+            raise ConnectionError("connection closed")
+        assert self.waiter is None
+        self.answering = False
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.waiter
@@ -104,14 +115,32 @@ class HttpClient:
             data = head + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         else:
             data = head + b"\r\n"
-        conn = self._idle.pop() if self._idle else None
-        if conn is None or conn.closed:
-            loop = asyncio.get_running_loop()
-            _, conn = await loop.create_connection(_Connection, self.host, self.port)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        conn: _Connection | None = None
+        while self._idle and conn is None:
+            idle = self._idle.pop()
+            conn = None if idle.closed else idle
+        if conn is not None:
+            try:
+                return await self._exchange(conn, data, deadline, timeout)
+            except ConnectionError:
+                if conn.answering:
+                    raise
+                # Closed by the server while idle, before it read this request: once more.
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(_Connection, self.host, self.port), max(0.0, deadline - loop.time())
+            )
+        except TimeoutError:
+            raise TimeoutError(f"no connection in {timeout} s") from None
+        return await self._exchange(conn, data, deadline, timeout)
+
+    async def _exchange(
+        self, conn: _Connection, data: bytes, deadline: float, timeout: float
+    ) -> tuple[int, bytes]:
         future = conn.send(data)
-        timer = asyncio.get_running_loop().call_later(
-            timeout, conn._fail, TimeoutError(f"no answer in {timeout} s")
-        )
+        timer = asyncio.get_running_loop().call_at(deadline, conn._fail, TimeoutError(f"no answer in {timeout} s"))
         try:
             answer = await future
         except BaseException:

@@ -176,6 +176,68 @@ def test_a_server_that_hangs_up_mid_request_raises_connection_error() -> None:
     asyncio.run(scenario())
 
 
+def test_a_reused_connection_the_server_dropped_unanswered_is_retried_once_on_a_new_one() -> None:
+    async def scenario() -> None:
+        dropped: list[bytes] = []
+
+        async def drop_second(request: bytes, writer: asyncio.StreamWriter) -> bool:
+            if b"/second" in request and not dropped:
+                dropped.append(request)
+                return False  # closed without an answer, as a server timing out an idle connection
+            writer.write(response(b"ok"))
+            return True
+
+        server, base, requests, connection_of = await serve(drop_second)
+        client = HttpClient(base)
+        assert await client.request("GET", "/first") == (200, b"ok")
+        assert await client.request("PUT", "/second", b"", b"{}") == (200, b"ok")
+        assert connection_of == [1, 1, 2]  # read and dropped on the first, answered on a new one
+        assert requests[1] == requests[2]
+        client.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_request_closes_its_connection() -> None:
+    async def scenario() -> None:
+        async def slow(request: bytes, writer: asyncio.StreamWriter) -> bool:
+            await asyncio.sleep(0.3 if b"/slow" in request else 0)
+            writer.write(response(b"ok"))
+            return True
+
+        server, base, _, connection_of = await serve(slow)
+        client = HttpClient(base)
+        task = asyncio.create_task(client.request("GET", "/slow"))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await client.request("GET", "/next") == (200, b"ok")
+        assert connection_of == [1, 2]  # the answer due on the first never reaches the next request
+        client.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_without_a_body() -> None:
+    async def no_content(request: bytes, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        return True
+
+    async def scenario() -> None:
+        server, base, _, connection_of = await serve(no_content)
+        client = HttpClient(base)
+        assert await client.request("GET", "/") == (204, b"")
+        assert await client.request("GET", "/") == (204, b"")
+        assert connection_of == [1, 1]
+        client.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
 def test_only_plain_http_is_accepted() -> None:
     with pytest.raises(ValueError):
         HttpClient("https://example.org")
