@@ -354,7 +354,10 @@ def test_a_long_poll_woken_after_a_claim_elsewhere_reports_the_new_count(cluster
         woke: dict[str, Any] = {}
 
         def poll(since: str = first["next_batch"], woke: dict[str, Any] = woke) -> None:
-            woke["sync"] = bob_1.sync(since=since, timeout=20000)
+            try:
+                woke["sync"] = bob_1.sync(since=since, timeout=20000)
+            except Exception as exc:  # reported below, not lost in the thread
+                woke["error"] = exc
 
         thread = threading.Thread(target=poll)
         thread.start()
@@ -366,6 +369,8 @@ def test_a_long_poll_woken_after_a_claim_elsewhere_reports_the_new_count(cluster
             {"messages": {bob.user_id: {bob.device_id: {"n": attempt}}}},
         )
         thread.join(10)
+        assert not thread.is_alive(), "the long-poll was not woken by the to-device message"
+        assert "error" not in woke, woke.get("error")
         answer = woke["sync"]
         assert [e["content"] for e in answer["to_device"]["events"]] == [{"n": attempt}]
         assert answer["device_one_time_keys_count"]["curve25519"] == 4 - attempt

@@ -127,11 +127,16 @@ class Replicator:
         after = self.applied[stream]
         started = time.perf_counter()
         if handler is not None:
-            rows = await self._db.read(handler.load, after, upto)
-            if self._first is not None and stream != self._first:
-                # Read after this stream's rows, so it sees every invalidation committed
-                # before them (one small query; the rows only when behind).
-                await self.catch_up(self._first)
+            first = self._first if stream != self._first else None
+            if first is None:
+                rows = await self._db.read(handler.load, after, upto)
+            else:
+                # The invalidations' position is read after this stream's rows, in the same
+                # transaction, so it covers every invalidation committed before them; its
+                # rows are read (and its lock taken) only when this worker is behind.
+                rows, first_at = await self._db.read(_load_and_position, handler.load, after, upto, first)
+                if first_at > self.applied[first]:
+                    await self.catch_up(first, first_at)
             await handler.apply(rows, upto)
         self.applied[stream] = max(self.applied[stream], upto)
         metrics.CATCHUP_SECONDS.observe(time.perf_counter() - started)
@@ -232,3 +237,9 @@ class Replicator:
 
 def _position(txn: Any, stream: str) -> int:
     return int(txn.fetchval("SELECT position FROM stream_positions WHERE stream = ?", (stream,)))
+
+
+def _load_and_position(
+    txn: Any, load: Callable[[Any, int, int], Any], after: int, upto: int, stream: str
+) -> tuple[Any, int]:
+    return load(txn, after, upto), _position(txn, stream)
