@@ -26,6 +26,7 @@ from typing import Any
 from bastion import metrics
 from bastion.cluster.replication import Replicator
 from bastion.core.events import Event, redact_pdu
+from bastion.errors import StorageUnavailable
 from bastion.services.caches import EventCache, MembershipIndex, RoomCache, RoomSnapshot
 from bastion.storage import events as events_store
 from bastion.storage import streams as streams_store
@@ -151,7 +152,11 @@ class EventPersister:
             async with self._replicator.lock("events"):
                 if first:
                     # Positions other workers committed below ours are applied first.
-                    await self._replicator.before_local_apply("events", first)
+                    try:
+                        await self._replicator.before_local_apply("events", first)
+                    except Exception as exc:
+                        self._caught_up_failed(batch, results, exc)
+                        continue
                 applied = self._replicator.applied["events"]
                 for (unit, fut), error in zip(batch, results, strict=True):
                     if error is not None:
@@ -180,6 +185,26 @@ class EventPersister:
                     if error is None and not fut.done():
                         fut.set_result(None)
                 self._notifier.notify_users(woken)
+
+    def _caught_up_failed(
+        self,
+        batch: list[tuple[PersistUnit, asyncio.Future[None]]],
+        results: list[BaseException | None],
+        exc: Exception,
+    ) -> None:
+        """The batch committed, but reading what other workers committed before it failed
+        (the database went away in between): its events cannot be applied in order now.
+        Its requests get a 503 — a retry with the same transaction ID answers with the
+        stored event — and its rooms are reloaded from the database on next use; the
+        replicator's next catch-up applies the batch like another worker's writes."""
+        log.error("catching up before applying a committed event batch failed: %s", exc)
+        for (unit, fut), error in zip(batch, results, strict=True):
+            unit.room.stale = True
+            self._rooms.discard(unit.room.room_id)
+            if not fut.done():
+                fut.set_exception(error if error is not None else StorageUnavailable("Database unavailable; please retry"))
+        self._memberships.drop_all()
+        self._notifier.lost_track()
 
     def _publish(self, unit: PersistUnit, woken: set[str], already_applied: int) -> None:
         room = unit.room
