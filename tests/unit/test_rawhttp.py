@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -58,25 +59,34 @@ def response(body: bytes, status: str = "200 OK", extra: bytes = b"") -> bytes:
     return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n".encode() + extra + b"\r\n" + body
 
 
+@asynccontextmanager
+async def client_of(handler: Handler) -> AsyncIterator[tuple[HttpClient, list[bytes], list[int]]]:
+    """A client of a fresh server; the server's request log and connection numbers."""
+    server, base, requests, connection_of = await serve(handler)
+    client = HttpClient(base)
+    try:
+        yield client, requests, connection_of
+    finally:
+        client.close()
+        server.close()
+
+
 def test_requests_reuse_one_keep_alive_connection_and_carry_headers_and_body() -> None:
     async def scenario() -> None:
         async def echo(request: bytes, writer: asyncio.StreamWriter) -> bool:
             writer.write(response(b'{"n":%d}' % len(request)))
             return True
 
-        server, base, requests, connection_of = await serve(echo)
-        client = HttpClient(base)
-        status, body = await client.request("GET", "/a?x=1", b"Authorization: Bearer t\r\n")
-        assert status == 200 and body.startswith(b'{"n":')
-        status, _ = await client.request("PUT", "/b", b"Content-Type: application/json\r\n", b'{"k":1}')
-        assert status == 200
-        assert requests[0].startswith(b"GET /a?x=1 HTTP/1.1\r\n")
-        assert b"\r\nAuthorization: Bearer t\r\n" in requests[0]
-        assert requests[1].startswith(b"PUT /b HTTP/1.1\r\n") and requests[1].endswith(b'\r\n\r\n{"k":1}')
-        assert b"\r\nContent-Length: 7\r\n" in requests[1]
-        assert connection_of == [1, 1]  # the second request reused the first connection
-        client.close()
-        server.close()
+        async with client_of(echo) as (client, requests, connection_of):
+            status, body = await client.request("GET", "/a?x=1", b"Authorization: Bearer t\r\n")
+            assert status == 200 and body.startswith(b'{"n":')
+            status, _ = await client.request("PUT", "/b", b"Content-Type: application/json\r\n", b'{"k":1}')
+            assert status == 200
+            assert requests[0].startswith(b"GET /a?x=1 HTTP/1.1\r\n")
+            assert b"\r\nAuthorization: Bearer t\r\n" in requests[0]
+            assert requests[1].startswith(b"PUT /b HTTP/1.1\r\n") and requests[1].endswith(b'\r\n\r\n{"k":1}')
+            assert b"\r\nContent-Length: 7\r\n" in requests[1]
+            assert connection_of == [1, 1]  # the second request reused the first connection
 
     asyncio.run(scenario())
 
@@ -89,13 +99,10 @@ def test_concurrent_requests_get_their_own_connections_and_answers() -> None:
             writer.write(response(path))
             return True
 
-        server, base, _, connection_of = await serve(slow_echo)
-        client = HttpClient(base)
-        answers = await asyncio.gather(client.request("GET", "/slow"), client.request("GET", "/fast"))
-        assert answers == [(200, b"/slow"), (200, b"/fast")]
-        assert sorted(connection_of) == [1, 2]
-        client.close()
-        server.close()
+        async with client_of(slow_echo) as (client, _, connection_of):
+            answers = await asyncio.gather(client.request("GET", "/slow"), client.request("GET", "/fast"))
+            assert answers == [(200, b"/slow"), (200, b"/fast")]
+            assert sorted(connection_of) == [1, 2]
 
     asyncio.run(scenario())
 
@@ -109,11 +116,8 @@ def test_a_chunked_answer_is_joined_and_an_error_status_is_returned() -> None:
         return True
 
     async def scenario() -> None:
-        server, base, _, _ = await serve(chunked)
-        client = HttpClient(base)
-        assert await client.request("GET", "/") == (429, b'{"a":12}')
-        client.close()
-        server.close()
+        async with client_of(chunked) as (client, _, _):
+            assert await client.request("GET", "/") == (429, b'{"a":12}')
 
     asyncio.run(scenario())
 
@@ -127,15 +131,12 @@ def test_connection_close_and_a_server_hanging_up_idle_are_not_reused() -> None:
             writer.write(response(b"ok"))
             return not request.startswith(b"GET /hangup")  # answer, then hang up while idle
 
-        server, base, _, connection_of = await serve(close_after)
-        client = HttpClient(base)
-        assert await client.request("GET", "/close") == (200, b"bye")
-        assert await client.request("GET", "/hangup") == (200, b"ok")
-        await asyncio.sleep(0.05)  # the server's close reaches the idle connection
-        assert await client.request("GET", "/next") == (200, b"ok")
-        assert connection_of == [1, 2, 3]
-        client.close()
-        server.close()
+        async with client_of(close_after) as (client, _, connection_of):
+            assert await client.request("GET", "/close") == (200, b"bye")
+            assert await client.request("GET", "/hangup") == (200, b"ok")
+            await asyncio.sleep(0.05)  # the server's close reaches the idle connection
+            assert await client.request("GET", "/next") == (200, b"ok")
+            assert connection_of == [1, 2, 3]
 
     asyncio.run(scenario())
 
@@ -148,14 +149,11 @@ def test_no_answer_in_time_raises_timeout_and_drops_the_connection() -> None:
             writer.write(response(b"ok"))
             return True
 
-        server, base, _, connection_of = await serve(never)
-        client = HttpClient(base)
-        with pytest.raises(TimeoutError):
-            await client.request("GET", "/never", timeout=0.1)
-        assert await client.request("GET", "/after") == (200, b"ok")
-        assert connection_of == [1, 2]  # the timed-out connection was not reused
-        client.close()
-        server.close()
+        async with client_of(never) as (client, _, connection_of):
+            with pytest.raises(TimeoutError):
+                await client.request("GET", "/never", timeout=0.1)
+            assert await client.request("GET", "/after") == (200, b"ok")
+            assert connection_of == [1, 2]  # the timed-out connection was not reused
 
     asyncio.run(scenario())
 
@@ -166,12 +164,9 @@ def test_a_server_that_hangs_up_mid_request_raises_connection_error() -> None:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
             return False
 
-        server, base, _, _ = await serve(hang_up)
-        client = HttpClient(base)
-        with pytest.raises(ConnectionError):
-            await client.request("GET", "/")
-        client.close()
-        server.close()
+        async with client_of(hang_up) as (client, _, _):
+            with pytest.raises(ConnectionError):
+                await client.request("GET", "/")
 
     asyncio.run(scenario())
 
@@ -187,14 +182,11 @@ def test_a_reused_connection_the_server_dropped_unanswered_is_retried_once_on_a_
             writer.write(response(b"ok"))
             return True
 
-        server, base, requests, connection_of = await serve(drop_second)
-        client = HttpClient(base)
-        assert await client.request("GET", "/first") == (200, b"ok")
-        assert await client.request("PUT", "/second", b"", b"{}") == (200, b"ok")
-        assert connection_of == [1, 1, 2]  # read and dropped on the first, answered on a new one
-        assert requests[1] == requests[2]
-        client.close()
-        server.close()
+        async with client_of(drop_second) as (client, requests, connection_of):
+            assert await client.request("GET", "/first") == (200, b"ok")
+            assert await client.request("PUT", "/second", b"", b"{}") == (200, b"ok")
+            assert connection_of == [1, 1, 2]  # read and dropped on the first, answered on a new one
+            assert requests[1] == requests[2]
 
     asyncio.run(scenario())
 
@@ -206,17 +198,14 @@ def test_a_cancelled_request_closes_its_connection() -> None:
             writer.write(response(b"ok"))
             return True
 
-        server, base, _, connection_of = await serve(slow)
-        client = HttpClient(base)
-        task = asyncio.create_task(client.request("GET", "/slow"))
-        await asyncio.sleep(0.05)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert await client.request("GET", "/next") == (200, b"ok")
-        assert connection_of == [1, 2]  # the answer due on the first never reaches the next request
-        client.close()
-        server.close()
+        async with client_of(slow) as (client, _, connection_of):
+            task = asyncio.create_task(client.request("GET", "/slow"))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await client.request("GET", "/next") == (200, b"ok")
+            assert connection_of == [1, 2]  # the answer due on the first never reaches the next request
 
     asyncio.run(scenario())
 
@@ -227,13 +216,10 @@ def test_an_answer_without_a_body() -> None:
         return True
 
     async def scenario() -> None:
-        server, base, _, connection_of = await serve(no_content)
-        client = HttpClient(base)
-        assert await client.request("GET", "/") == (204, b"")
-        assert await client.request("GET", "/") == (204, b"")
-        assert connection_of == [1, 1]
-        client.close()
-        server.close()
+        async with client_of(no_content) as (client, _, connection_of):
+            assert await client.request("GET", "/") == (204, b"")
+            assert await client.request("GET", "/") == (204, b"")
+            assert connection_of == [1, 1]
 
     asyncio.run(scenario())
 
