@@ -2,16 +2,17 @@
 
 Bastion serves HTTP with uvicorn (httptools parser, uvloop event loop). This starts
 uvicorn, same stack, with an app that answers every request with a fixed small JSON
-body (no routing, no auth, no work), drives it with aiohttp keep-alive connections,
-and reports the requests per second and the server's CPU per request. That is the
-least any request can cost on this stack; what a /sync or a send costs in Bastion
-above it is the application's work (docs/performance.md, "What the #7 throughput
-target needs").
+body (no routing, no auth, no work), drives it over 50 keep-alive connections, and
+reports the requests per second and the server's CPU per request. That is the least
+any request can cost on this stack; what a /sync or a send costs in Bastion above it
+is the application's work (docs/performance.md, "What the #7 throughput target
+needs"). With ``--client aiohttp`` (the default, as in every figure recorded before
+2026-12-07) the client is the limit and the server wakes up for every few requests;
+``--client rawhttp`` drives it ~3x harder and gives the floor at saturation.
 
 It also reports the *client's* CPU per request, for either HTTP client the load
-generator can use (``--client aiohttp`` or ``rawhttp``, see ``bench/rawhttp.py``, on uvloop as the
-load generator runs them; each
-request's JSON answer is decoded, as the load generator does).
+generator can use (``bench/rawhttp.py``), on uvloop as the load generator runs them,
+each answer's JSON decoded as the load generator does.
 
     .venv/bin/python bench/http_floor.py [--connections 50] [--duration 10] [--client rawhttp]
 """
