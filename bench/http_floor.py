@@ -52,21 +52,21 @@ async def drive(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections)) as session:
         raw = HttpClient(base)
 
-        async def one_aiohttp(stop: float) -> None:
-            nonlocal count
-            while time.monotonic() < stop:
-                async with session.get(base + target) as resp:
-                    loads(await resp.read())
-                    count += 1
+        async def get_aiohttp() -> bytes:
+            async with session.get(base + target) as resp:
+                return await resp.read()
 
-        async def one_raw(stop: float) -> None:
+        async def get_raw() -> bytes:
+            return (await raw.request("GET", target))[1]
+
+        get = get_raw if client == "rawhttp" else get_aiohttp
+
+        async def one(stop: float) -> None:
             nonlocal count
             while time.monotonic() < stop:
-                _, body = await raw.request("GET", target)
-                loads(body)
+                loads(await get())
                 count += 1
 
-        one = one_raw if client == "rawhttp" else one_aiohttp
         await asyncio.gather(*(one(time.monotonic() + 1.0) for _ in range(connections)))  # warm-up
         count = 0
         cpu0, t0, own0 = process_cpu_seconds(pid), time.monotonic(), time.process_time()

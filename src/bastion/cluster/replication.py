@@ -145,9 +145,7 @@ class Replicator:
         if not self.clustered:
             return
         current = {r[0]: int(r[1]) for r in await self._db.fetch_one_statement(streams_store.POSITIONS_SQL)}
-        first = [self._first] if self._first in current else []
-        for stream in [*first, *(s for s in current if s != self._first)]:
-            position = current[stream]
+        for stream, position in sorted(current.items(), key=lambda item: item[0] != self._first):  # first one first
             if stream in self._locks and position > self.applied[stream]:
                 await self.catch_up(stream, position)
 

@@ -169,9 +169,7 @@ class EventPersister:
                         # The unit is committed; only the in-memory view is in doubt. Retire
                         # it so the next request reloads the room from the database.
                         log.exception("updating the in-memory view of %s failed", unit.room.room_id)
-                        unit.room.stale = True
-                        self._rooms.discard(unit.room.room_id)
-                        self._memberships.drop_all()
+                        self._retire(unit.room)
                         lost_track = True
                 if first:
                     self._replicator.after_local_apply("events", last)
@@ -199,12 +197,17 @@ class EventPersister:
         replicator's next catch-up applies the batch like another worker's writes."""
         log.error("catching up before applying a committed event batch failed: %s", exc)
         for (unit, fut), error in zip(batch, results, strict=True):
-            unit.room.stale = True
-            self._rooms.discard(unit.room.room_id)
+            self._retire(unit.room)
             if not fut.done():
                 fut.set_exception(error if error is not None else StorageUnavailable("Database unavailable; please retry"))
-        self._memberships.drop_all()
         self._notifier.lost_track()
+
+    def _retire(self, room: RoomSnapshot) -> None:
+        """Drop a room view that may not hold what was committed: its holders and the next
+        request reload it (and the memberships) from the database."""
+        room.stale = True
+        self._rooms.discard(room.room_id)
+        self._memberships.drop_all()
 
     def _publish(self, unit: PersistUnit, woken: set[str], already_applied: int) -> None:
         room = unit.room
