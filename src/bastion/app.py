@@ -152,6 +152,11 @@ def _check_keys(txn: Any, keyring: Keyring | None) -> None:
         )
 
 
+def media_store_for(settings: Settings) -> LocalMediaStore:
+    """Where uploads live: ``media.store_path``, else ``<data_dir>/media``."""
+    return LocalMediaStore(settings.media.store_path or settings.data_dir / "media")
+
+
 def open_migrated_database(settings: Settings) -> Database:
     url = settings.database.resolved_url()
     keyring = build_keyring(settings)
@@ -309,7 +314,7 @@ class Homeserver:
         media = settings.media
         self.media = MediaService(
             db,
-            LocalMediaStore(media.store_path or settings.data_dir / "media"),
+            media_store_for(settings),
             server_name,
             MediaConfig(
                 max_upload_bytes=media.max_upload_bytes,

@@ -500,7 +500,10 @@ def keys_rotate(config_path: Path, room_id: str | None, user_id: str | None, all
     chosen = [x for x in (room_id, user_id, all_scopes or None) if x]
     if len(chosen) > 1:
         raise click.ClickException("choose one of --room, --user and --all")
-    _settings, db, _provider = _keys_db(config_path)
+    from bastion.app import media_store_for
+
+    settings, db, _provider = _keys_db(config_path)
+    media = media_store_for(settings)
     try:
         job = keytool.pending_job(db)
         if chosen:
@@ -513,14 +516,20 @@ def keys_rotate(config_path: Path, room_id: str | None, user_id: str | None, all
             raise click.ClickException("nothing to resume; choose --room ID, --user ID or --all")
         else:
             click.echo(f"Resuming the rotation of {job.scope_id or job.scope} (pass {job.passes + 1}).")
-        total = keytool.rows_to_scan(db, job)
+        total = keytool.rows_to_scan(db, job, media=True)
         with click.progressbar(length=total, label="Re-encrypting", file=sys.stderr) as bar:
-            rewritten = keytool.run_rotation(db, job, batch=batch, progress=bar.update)
+            rewritten = keytool.run_rotation(db, job, batch=batch, progress=bar.update, media=media)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         asyncio.run(db.close())
-    click.echo(f"Done: {sum(rewritten.values())} values re-encrypted; old key versions are kept for reading backups of this database.")
+    files = rewritten.pop(keytool.MEDIA_FILES, 0)
+    unreadable = rewritten.pop(keytool.MEDIA_UNREADABLE, 0)
+    click.echo(f"Done: {sum(rewritten.values())} values and {files} media files re-encrypted; "
+               "old key versions are kept for reading backups of this database.")
+    if unreadable:
+        click.echo(f"Warning: {unreadable} media files failed their integrity check or are missing and were left as "
+                   "they are (listed above).", err=True)
 
 
 @keys.command("rotate-kek")

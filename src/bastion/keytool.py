@@ -8,6 +8,8 @@ which keep serving throughout:
   new data with it. It then re-encrypts old rows batch by batch, recording a cursor
   per column, and repeats passes until one finds nothing left under an old key and
   the servers have had time to switch. Old key versions remain readable throughout.
+  For user scopes it also re-encrypts their uploaded files and thumbnails
+  (:func:`bastion.services.media.reencrypt_upload`), with its own cursor.
   Interrupting it is safe; ``bastion keys rotate`` with no arguments resumes.
 * **KEK rotation** (file key provider) writes a new key file whose primary is a new
   KEK and which still holds the old one, re-wraps every DEK under the new KEK, waits
@@ -19,7 +21,9 @@ which keep serving throughout:
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +31,17 @@ from typing import Any
 from bastion.clock import now_ms
 from bastion.errors import ConfigError
 from bastion.security.crypto import KeySet, new_kek
+from bastion.services.media import Rekeyed, reencrypt_upload
+from bastion.services.media_store import MediaStore
 from bastion.storage import accounts as accounts_store
 from bastion.storage import keys as keys_store
+from bastion.storage import media as media_store
 from bastion.storage.database import Database
 
 SETTLE_SECONDS = 3.0  # > the servers' signal poll interval (1 s), with margin
 JOB = "job"
+MEDIA_FILES = "media files"
+MEDIA_UNREADABLE = "media files unreadable"
 
 Progress = Callable[[int], None]
 
@@ -102,9 +111,13 @@ def start_rotation(db: Database, scope: str, scope_id: str | None) -> RotationJo
     return job
 
 
-def rows_to_scan(db: Database, job: RotationJob) -> int:
+def rows_to_scan(db: Database, job: RotationJob, media: bool = False) -> int:
+    """Rows (and with ``media``, uploads) a first pass reads: the progress bar's length."""
+
     def txn_fn(txn: Any) -> int:
         total = 0
+        if media and job.scope in ("all", "user"):
+            total += media_store.count_uploaded(txn, job.scope_id)
         for column in job.columns():
             where = f"WHERE {column.column} IS NOT NULL" + (f" AND {column.scope_column} = ?" if job.scope_id else "")
             total += int(txn.fetchval(f"SELECT COUNT(*) FROM {column.table} {where}", (job.scope_id,) if job.scope_id else ()))
@@ -120,13 +133,17 @@ def run_rotation(
     progress: Progress = _no_progress,
     settle_seconds: float = SETTLE_SECONDS,
     stop_after_batches: int | None = None,
+    media: MediaStore | None = None,
 ) -> dict[str, int]:
-    """Re-encrypt everything the job covers; resumable. Returns rows rewritten per column.
+    """Re-encrypt everything the job covers; resumable. Returns rows rewritten per column,
+    and with ``media`` (the server's media store) the files rewritten (``MEDIA_FILES``)
+    and any left unreadable (``MEDIA_UNREADABLE``).
 
     ``stop_after_batches`` interrupts the run (as a crash would) — for tests.
     """
     _require_crypto(db)
     rewritten: dict[str, int] = {}
+    unreadable: set[str] = set()
     batches = 0
     only = job.scope_id
     while True:
@@ -155,6 +172,8 @@ def run_rotation(
                     progress(scanned)
                 if cursor is None:
                     break
+        if media is not None and job.scope in ("all", "user"):
+            pass_rewritten += _reencrypt_media(db, media, job, batch, progress, rewritten, unreadable)
         settled = (now_ms() - job.started_ms) / 1000 >= settle_seconds
         if pass_rewritten == 0 and settled:
             break
@@ -165,7 +184,38 @@ def run_rotation(
         job.cursors = {}
         db.run_sync(lambda txn: keys_store.set_progress(txn, JOB, job.to_json(), now_ms()))
     db.run_sync(keys_store.clear_progress)
+    if unreadable:
+        rewritten[MEDIA_UNREADABLE] = len(unreadable)
     return rewritten
+
+
+def _reencrypt_media(
+    db: Database, media: MediaStore, job: RotationJob, batch: int, progress: Progress, rewritten: dict[str, int],
+    unreadable: set[str],
+) -> int:
+    """One pass over the uploads the job covers (every user's, or one user's): their files
+    under the uploader's active key. Resumable like the columns: the cursor is the last
+    media ID done. Returns how many files this pass rewrote; adds the files it could not
+    read to ``unreadable``."""
+    cursor = job.cursors.get(MEDIA_FILES)
+    changed = 0
+    while cursor != "done":
+        ids = db.run_sync(media_store.uploaded_ids_after, cursor, job.scope_id, batch)
+
+        async def one_batch(ids: list[str] = ids) -> list[Rekeyed]:
+            return [await reencrypt_upload(db, media, media_id) for media_id in ids]
+
+        results = asyncio.run(one_batch())
+        changed += sum(r.files for r in results)
+        rewritten[MEDIA_FILES] = rewritten.get(MEDIA_FILES, 0) + sum(r.files for r in results)
+        for r in results:
+            unreadable.update(r.unreadable)
+        cursor = ids[-1] if len(ids) == batch else "done"
+        job.cursors[MEDIA_FILES] = cursor
+        db.run_sync(lambda txn: keys_store.set_progress(txn, JOB, job.to_json(), now_ms()))
+        if job.passes == 0:
+            progress(len(ids))
+    return changed
 
 
 # -- KEK ---------------------------------------------------------------------------------------------------
@@ -215,10 +265,10 @@ def status(db: Database, provider: Any) -> dict[str, Any]:
         inventory = keys_store.key_inventory(txn)
         by_id = {row[0]: row for row in inventory}
         columns = []
-        for column in keys_store.SEALED_COLUMNS:
-            cov = keys_store.coverage(txn, column)
+
+        def row(name: str, total: int, by_dek: dict[int | None, int]) -> None:
             active = retired = plaintext = unknown = 0
-            for dek, n in cov.by_dek.items():
+            for dek, n in by_dek.items():
                 if dek is None:
                     plaintext += n
                 elif dek not in by_id or by_id[dek][7] == "destroyed":
@@ -227,8 +277,16 @@ def status(db: Database, provider: Any) -> dict[str, Any]:
                     active += n
                 else:
                     retired += n
-            columns.append({"column": column.name, "rows": cov.total, "active_key": active, "old_key": retired,
+            columns.append({"column": name, "rows": total, "active_key": active, "old_key": retired,
                             "plaintext": plaintext, "unreadable": unknown})
+
+        for column in keys_store.SEALED_COLUMNS:
+            cov = keys_store.coverage(txn, column)
+            row(column.name, cov.total, cov.by_dek)
+        # Uploads, by the key their original's HMAC names (a rotation rewrites the
+        # thumbnails before the original, so they follow it).
+        digests = media_store.digests(txn)
+        row(MEDIA_FILES, len(digests), Counter(media_store.digest_dek_id(d) for d in digests))
         scopes: dict[str, dict[str, int]] = {}
         oldest: dict[str, int] = {}
         for _id, scope, _sid, _version, _suite, _kek, created, state in inventory:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import sqlite3
 import threading
@@ -519,3 +520,145 @@ def test_files_from_before_encryption_are_still_served(make_server) -> None:
     new_id = media_id(upload(user, b"written with encryption on").json()["content_uri"])
     assert stored_file(srv, new_id).read_bytes()[:2] == ENCRYPTED_MAGIC
     assert user.raw("GET", url + new_id).content == b"written with encryption on"
+
+
+# -- key rotation ---------------------------------------------------------------------------------
+
+
+def header_dek_id(path: Path) -> int | None:
+    """The data key a stored file's header names (None: no header, plaintext)."""
+    head = path.read_bytes()[:28]
+    return int.from_bytes(head[4:12], "big") if head[:2] == ENCRYPTED_MAGIC else None
+
+
+def keys_status(srv: ServerProcess) -> dict:
+    result = srv.cli("keys", "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def media_status(srv: ServerProcess) -> dict:
+    return next(c for c in keys_status(srv)["columns"] if c["column"] == "media files")
+
+
+def served(user: MatrixHttp, mid: str, thumbnails: list[tuple[int, int, str]]) -> list[bytes]:
+    """The original and the given thumbnails as a client gets them."""
+    out = []
+    got = user.raw("GET", f"/_matrix/client/v1/media/download/localhost/{mid}")
+    assert got.status_code == 200, got.text
+    out.append(got.content)
+    for width, height, method in thumbnails:
+        got = user.raw("GET", f"/_matrix/client/v1/media/thumbnail/localhost/{mid}",
+                       params={"width": width, "height": height, "method": method})
+        assert got.status_code == 200, got.text
+        out.append(got.content)
+    return out
+
+
+SIZES = [(32, 32, "crop"), (96, 96, "crop"), (320, 240, "scale"), (640, 480, "scale"), (800, 600, "scale"), (1000, 800, "scale")]
+
+
+def test_rotating_a_users_key_reencrypts_their_files_and_thumbnails(make_server) -> None:
+    """``bastion keys rotate --user`` while the server runs: every file of the user (multi-
+    chunk original, thumbnails) ends up under the new key version, byte-identical to
+    clients; another user's files are untouched; a tampered file is reported and left."""
+    srv: ServerProcess = make_server()
+    alice, bob = srv.client().register(), srv.client().register()
+    big = os.urandom(700 * 1024 + 5)  # eleven 64 KiB chunks, more than one 256 KiB batch
+    big_id = media_id(upload(alice, big).json()["content_uri"])
+    image_id = media_id(upload(alice, canary_png(b"rotation")).json()["content_uri"])
+    wait_for_thumbnails(srv, image_id)
+    bob_id = media_id(upload(bob, b"bob's file, bob's key").json()["content_uri"])
+    before = served(alice, image_id, SIZES)  # the last size is made on demand: six thumbnails
+    alice_files = [stored_file(srv, big_id), *stored_file(srv, image_id, "x").parent.iterdir()]
+    assert len(alice_files) == 2 + THUMBNAIL_COUNT + 1
+    old_keys = {header_dek_id(p) for p in alice_files}
+    assert len(old_keys) == 1 and None not in old_keys
+    bob_before = stored_file(srv, bob_id).read_bytes()
+    digests_before = {mid: media_columns(srv, mid)[1] for mid in (big_id, image_id, bob_id)}
+
+    # Clients keep downloading while the files are replaced under them.
+    stop = threading.Event()
+    downloads: list[bool] = []
+
+    def download_loop() -> None:
+        reader = alice  # the main thread waits on the CLI meanwhile
+        while not stop.is_set():
+            got = reader.raw("GET", f"/_matrix/client/v1/media/download/localhost/{big_id}")
+            downloads.append(got.status_code == 200 and got.content == big)
+            downloads.append(served(reader, image_id, SIZES[:3]) == before[:4])
+
+    loop = threading.Thread(target=download_loop)
+    loop.start()
+    try:
+        rotated = srv.cli("keys", "rotate", "--user", alice.user_id)
+    finally:
+        stop.set()
+        loop.join()
+    assert rotated.returncode == 0, rotated.stderr
+    assert "8 media files re-encrypted" in rotated.stdout, rotated.stdout
+    assert downloads and all(downloads), downloads
+
+    new_keys = {header_dek_id(p) for p in alice_files}
+    assert len(new_keys) == 1 and new_keys.isdisjoint(old_keys), (old_keys, new_keys)
+    (new_key,) = new_keys
+    for mid in (big_id, image_id):
+        digest = media_columns(srv, mid)[1]
+        assert digest is not None and digest.startswith(f"hmac-sha256:{new_key}:"), digest
+        assert digest != digests_before[mid]
+    assert stored_file(srv, bob_id).read_bytes() == bob_before
+    assert media_columns(srv, bob_id)[1] == digests_before[bob_id]
+    assert served(alice, image_id, SIZES) == before
+    assert alice.raw("GET", f"/_matrix/client/v1/media/download/localhost/{big_id}").content == big
+    assert media_status(srv) == {"column": "media files", "rows": 3, "active_key": 3, "old_key": 0,
+                                 "plaintext": 0, "unreadable": 0}
+
+    # A tampered file cannot be re-encrypted: the rotation says so, leaves it, does the rest.
+    flip(stored_file(srv, bob_id), 40)  # in the sealed chunk (the header is 28 bytes)
+    tampered = stored_file(srv, bob_id).read_bytes()
+    rotated = srv.cli("keys", "rotate", "--all")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "1 media files failed their integrity check" in rotated.stderr, rotated.stderr
+    assert bob_id in rotated.stderr
+    assert "8 media files re-encrypted" in rotated.stdout, rotated.stdout
+    assert stored_file(srv, bob_id).read_bytes() == tampered
+    assert {header_dek_id(p) for p in alice_files}.isdisjoint({new_key})
+    assert served(alice, image_id, SIZES) == before
+    assert media_status(srv) == {"column": "media files", "rows": 3, "active_key": 2, "old_key": 1,
+                                 "plaintext": 0, "unreadable": 0}
+
+
+def test_rotation_encrypts_files_written_while_encryption_was_off(make_server) -> None:
+    srv: ServerProcess = make_server(encryption={"enabled": False})
+    user = srv.client().register()
+    text = b"written while encryption was off\n" * 30_000  # ~1 MiB
+    text_id = media_id(upload(user, text, "text/plain", "old.txt").json()["content_uri"])
+    image_id = media_id(upload(user, canary_png(b"plaintext")).json()["content_uri"])
+    wait_for_thumbnails(srv, image_id)
+    altered_id = media_id(upload(user, b"this file will be changed on disk").json()["content_uri"])
+    before = served(user, image_id, SIZES[:THUMBNAIL_COUNT])
+    stored_file(srv, altered_id).write_bytes(b"this file WAS changed on disk")
+    srv.stop()
+    config = yaml.safe_load(srv.config_path.read_text())
+    config["encryption"]["enabled"] = True
+    srv.config_path.write_text(yaml.safe_dump(config))
+    srv.start()
+    assert media_status(srv)["plaintext"] == 3
+
+    rotated = srv.cli("keys", "rotate", "--all")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "7 media files re-encrypted" in rotated.stdout, rotated.stdout  # 2 originals, 5 thumbnails
+    assert "does not match its stored SHA-256" in rotated.stderr, rotated.stderr
+
+    files = [stored_file(srv, text_id), *stored_file(srv, image_id, "x").parent.iterdir()]
+    assert all(p.read_bytes()[:2] == ENCRYPTED_MAGIC for p in files), files
+    assert find(files, {"text": b"written while encryption was off", "png": PNG_MAGIC}) == {}
+    for mid in (text_id, image_id):
+        assert (media_columns(srv, mid)[1] or "").startswith("hmac-sha256:")
+    got = user.raw("GET", f"/_matrix/client/v1/media/download/localhost/{text_id}")
+    assert got.status_code == 200 and got.content == text and "old.txt" in got.headers["content-disposition"]
+    assert served(user, image_id, SIZES[:THUMBNAIL_COUNT]) == before
+    # The altered file was not sealed as if it were the upload; it stays as found.
+    assert stored_file(srv, altered_id).read_bytes() == b"this file WAS changed on disk"
+    assert media_status(srv) == {"column": "media files", "rows": 3, "active_key": 2, "old_key": 0,
+                                 "plaintext": 1, "unreadable": 0}

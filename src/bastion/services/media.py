@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import io
 import logging
 import re
@@ -36,7 +38,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -45,7 +47,7 @@ from bastion.cluster.ratelimit import RateLimiter
 from bastion.errors import Forbidden, LimitExceeded, MatrixError, NotFound, TooLarge
 from bastion.security import stream as media_crypto
 from bastion.security.crypto import AesGcm, IntegrityError, Sm4Gcm
-from bastion.services.media_store import LocalMediaStore
+from bastion.services.media_store import LocalMediaStore, MediaStore
 from bastion.services.requester import Requester
 from bastion.storage import media as media_store
 from bastion.storage.database import Database
@@ -474,6 +476,10 @@ class MediaService:
         for media_id in media_ids:
             await self.store.delete_prefix(media_id)
             await self._db.write(media_store.delete, media_id)
+            # Once more: a key rotation (another process) may have rewritten a file between
+            # the two steps; it checks for the row after each write, so between them this
+            # leaves nothing behind.
+            await self.store.delete_prefix(media_id)
         return len(media_ids)
 
     async def delete_user_media(self, user_id: str) -> int:
@@ -481,6 +487,102 @@ class MediaService:
 
     async def delete_before(self, before_ts: int, size_gt: int = 0) -> int:
         return await self.delete(await self._db.read(media_store.ids_before, before_ts, size_gt))
+
+
+# -- key rotation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Rekeyed:
+    """What :func:`reencrypt_upload` did to one upload's files."""
+
+    files: int = 0  # rewritten under the active key
+    unreadable: list[str] = field(default_factory=list)  # store keys left as they are: failed authentication, or missing
+
+
+async def _file_dek_id(store: MediaStore, key: str) -> int | None:
+    """The DEK id in a stored file's header; None for a file without one (plaintext)."""
+    chunks = store.read(key)
+    head = b""
+    try:
+        async for piece in chunks:
+            head += piece
+            if len(head) >= media_crypto.HEADER_SIZE:
+                break
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    if not media_crypto.is_encrypted(head):
+        return None
+    return media_crypto.parse_header(head)[1]
+
+
+async def reencrypt_upload(db: Database, store: MediaStore, media_id: str) -> Rekeyed:
+    """Bring one upload's files under its uploader's *active* data key (``bastion keys rotate``).
+
+    Every file (the original and each thumbnail) whose header names another key — or
+    that has no header, written before encryption at rest was enabled — is decrypted
+    and encrypted again, streamed, and replaced atomically (a download already reading
+    the old file finishes from it). The original's HMAC in the ``sha256`` column is
+    recomputed under the new key and set by compare-and-set; a plaintext original is
+    first checked against its stored SHA-256 and refused if it does not match.
+    Thumbnails go first: once the row says "encrypted", a plaintext thumbnail would be
+    refused as tampering. A file that fails authentication is logged and left as it is
+    (it cannot be read under any key; the rest of the rotation goes on). If the upload
+    was deleted meanwhile, whatever this wrote is deleted too.
+    """
+    done = Rekeyed()
+    found = await db.read(media_store.owner_and_digest, media_id)
+    if found is None:
+        return done  # deleted
+    user_id, digest = found
+    if digest is None:
+        return done  # a pending upload: no file yet
+    dek = await db.write(media_store.user_data_key, user_id)
+    if dek is None:
+        return done  # encryption at rest off: nothing to encrypt under
+    dek_id, aead = dek
+    sealed = digest.startswith(MAC_PREFIX)
+
+    async def key_for(wanted: int) -> AesGcm | Sm4Gcm:
+        return await db.read(media_store.key_by_id, wanted)
+
+    async def rewrite(key: str, binding: bytes, *, mac: hmac.HMAC | None = None, expect_sha256: str | None = None) -> bool:
+        try:
+            if mac is None and await _file_dek_id(store, key) == dek_id:
+                return False  # a thumbnail already under the active key
+
+            async def plaintext() -> AsyncIterator[bytes]:
+                plain_hash = hashlib.sha256() if expect_sha256 is not None else None
+                async with contextlib.aclosing(
+                    media_crypto.open_stream(store.read(key), binding, key_for, required=sealed)
+                ) as plain:
+                    async for piece in plain:
+                        if plain_hash is not None:
+                            plain_hash.update(piece)
+                        yield piece
+                # Checked before the last chunk is sealed: a mismatch stores nothing.
+                if plain_hash is not None and plain_hash.hexdigest() != expect_sha256:
+                    raise IntegrityError("the file does not match its stored SHA-256")
+
+            sealing = media_crypto.encrypt_stream(plaintext(), aead, dek_id, binding, tap=mac.update if mac else None)
+            await store.write(key, sealing, digest=False)
+        except (IntegrityError, FileNotFoundError) as exc:
+            log.error("media file %s was not re-encrypted: %s", key, exc)
+            done.unreadable.append(key)
+            return False
+        done.files += 1
+        return True
+
+    for width, height, method, _type, _size in await db.read(media_store.thumbnails, media_id):
+        await rewrite(*_thumbnail(media_id, width, height, method))
+
+    if media_store.digest_dek_id(digest) != dek_id:
+        mac = media_crypto.content_mac(aead)
+        if await rewrite(*_original(media_id), mac=mac, expect_sha256=None if sealed else digest):
+            await db.write(media_store.replace_digest, media_id, digest, f"{MAC_PREFIX}{dek_id}:{mac.hexdigest()}")
+    if done.files and await db.read(media_store.owner_and_digest, media_id) is None:
+        await store.delete_prefix(media_id)  # deleted while this ran: leave no file behind
+    return done
 
 
 def _make_thumbnail(data: bytes, width: int, height: int, method: str, max_pixels: int) -> tuple[bytes, str] | None:

@@ -110,6 +110,46 @@ def store_upload(
     )
 
 
+def uploaded_ids_after(txn: Txn, after: str | None, user_id: str | None, limit: int) -> list[str]:
+    """Up to ``limit`` uploaded media IDs after ``after``, in ID order; one user's if ``user_id``."""
+    sql = "SELECT media_id FROM media WHERE uploaded_ts IS NOT NULL AND media_id > ?"
+    params: list[Any] = [after or ""]
+    if user_id is not None:
+        sql += " AND user_id = ?"
+        params.append(user_id)
+    return [r[0] for r in txn.fetchall(sql + " ORDER BY media_id LIMIT ?", (*params, limit))]
+
+
+def count_uploaded(txn: Txn, user_id: str | None) -> int:
+    """Uploaded media (one user's if ``user_id``)."""
+    if user_id is None:
+        return int(txn.fetchval("SELECT COUNT(*) FROM media WHERE uploaded_ts IS NOT NULL"))
+    return int(txn.fetchval("SELECT COUNT(*) FROM media WHERE uploaded_ts IS NOT NULL AND user_id = ?", (user_id,)))
+
+
+def owner_and_digest(txn: Txn, media_id: str) -> tuple[str, str | None] | None:
+    """(uploader, ``sha256`` column) of a media row, without unsealing anything."""
+    row = txn.fetchone("SELECT user_id, sha256 FROM media WHERE media_id = ?", (media_id,))
+    return (row[0], row[1]) if row is not None else None
+
+
+def replace_digest(txn: Txn, media_id: str, old: str, new: str) -> bool:
+    """Compare-and-set of the ``sha256`` column (a re-encrypted file's new MAC)."""
+    return txn.execute("UPDATE media SET sha256 = ? WHERE media_id = ? AND sha256 = ?", (new, media_id, old)) == 1
+
+
+def digest_dek_id(digest: str | None) -> int | None:
+    """The DEK id an ``hmac-sha256:<DEK id>:<hex>`` value names; None for a plain SHA-256 or none."""
+    if digest is None or not digest.startswith(MAC_PREFIX):
+        return None
+    return int(digest[len(MAC_PREFIX):].split(":", 1)[0])
+
+
+def digests(txn: Txn) -> list[str | None]:
+    """Every uploaded file's ``sha256`` column (for ``bastion keys status``)."""
+    return [r[0] for r in txn.fetchall("SELECT sha256 FROM media WHERE uploaded_ts IS NOT NULL")]
+
+
 def get(txn: Txn, media_id: str) -> MediaRow | None:
     row = txn.fetchone(f"SELECT {_COLUMNS} FROM media WHERE media_id = ?", (media_id,))
     return _row(txn, row) if row is not None else None
