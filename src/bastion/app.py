@@ -265,7 +265,8 @@ class Homeserver:
         self.key_backup = KeyBackupService(db)
         self.push_rules = PushRulesService(db, self.room_cache, self.memberships, self.receipts, self.account_data)
         self.events.persist_hooks.append(self.push_rules.decide)  # push actions, in the event's transaction
-        self.pushers = PusherService(db, self.push_rules, self.room_cache, list(settings.push.gateway_url_prefixes))
+        self.pushers = PusherService(db, self.push_rules, self.room_cache, list(settings.push.gateway_url_prefixes),
+                                     full_notifications=settings.push.full_notifications)
         self.persister.listeners.append(self.pushers.on_persisted)
         self.presence = PresenceService(
             enabled=settings.presence.enabled,

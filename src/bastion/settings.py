@@ -137,6 +137,8 @@ class UserDirectorySettings(_Section):
 
 class PushSettings(_Section):
     gateway_url_prefixes: list[str] = Field(default_factory=list)
+    # Off: every notification leaves in the event_id_only format, whatever the pusher asked.
+    full_notifications: bool = False
 
 
 class MediaSettings(_Section):

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
 
 import pytest
 
@@ -161,7 +162,8 @@ class Gateway:
 def test_pushers_deliver_to_gateway(make_server) -> None:
     gateway = Gateway()
     try:
-        srv: ServerProcess = make_server(push={"gateway_url_prefixes": [f"http://127.0.0.1:{gateway.port}/"]})
+        srv: ServerProcess = make_server(push={"gateway_url_prefixes": [f"http://127.0.0.1:{gateway.port}/"],
+                                               "full_notifications": True})
         alice, bob = srv.client().register(), srv.client().register()
         room = alice.create_room(name="Pushy", invite=[bob.user_id])
         bob.join(room)
@@ -197,6 +199,41 @@ def test_pushers_deliver_to_gateway(make_server) -> None:
         with pytest.raises(MatrixError) as err:
             bob.call("POST", "/_matrix/client/v3/pushers/set", {**pusher, "data": {"url": "http://10.0.0.1/_matrix/push/v1/notify"}})
         assert err.value.status == 403
+    finally:
+        gateway.close()
+
+
+def test_by_default_nothing_of_a_message_reaches_the_gateway(make_server) -> None:
+    """Without ``push.full_notifications`` a pusher asking for full notifications gets
+    event_id_only ones: the gateway — and the phone vendor's push service behind it —
+    learns which event to fetch, not what it says, who sent it or where."""
+    gateway = Gateway()
+    try:
+        srv: ServerProcess = make_server(push={"gateway_url_prefixes": [f"http://127.0.0.1:{gateway.port}/"]})
+        alice, bob = srv.client().register(), srv.client().register()
+        alice.call("PUT", f"/_matrix/client/v3/profile/{quote(alice.user_id)}/displayname", {"displayname": "Alice Secret"})
+        room = alice.create_room(name="Merger Talks", invite=[bob.user_id])
+        bob.join(room)
+        bob.call("POST", "/_matrix/client/v3/pushers/set", {
+            "pushkey": "device-token-2", "kind": "http", "app_id": "org.example.app", "app_display_name": "App",
+            "device_display_name": "Phone", "lang": "en",
+            "data": {"url": gateway.url, "default_payload": {"aps": {"mutable-content": 1}}}})
+        event_id = alice.send(room, "the offer is 42 million")
+        alice.send(room, {"msgtype": "m.text", "body": "bob, please read", "m.mentions": {"user_ids": [bob.user_id]}})
+        received = gateway.wait(2)
+        assert len(received) == 2
+        raw = json.dumps(received)
+        for secret in ("42 million", "please read", "Alice Secret", "Merger Talks", alice.user_id, "m.room.message"):
+            assert secret not in raw, secret
+        first, second = received[0]["notification"], received[1]["notification"]
+        assert first["event_id"] == event_id and first["room_id"] == room and first["counts"] == {"unread": 1}
+        assert second["counts"] == {"unread": 2} and second["prio"] == "high"  # a mention: a highlight
+        device = first["devices"][0]
+        assert device["pushkey"] == "device-token-2" and device["data"] == {
+            "format": "event_id_only", "default_payload": {"aps": {"mutable-content": 1}}}
+        # what the client registered is what it reads back
+        listed = bob.call("GET", "/_matrix/client/v3/pushers")["pushers"][0]
+        assert "format" not in listed["data"]
     finally:
         gateway.close()
 

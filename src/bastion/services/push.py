@@ -16,7 +16,10 @@ does not cover the range. ``/notifications`` reads the rows.
 
 Pushers deliver to Matrix push gateways over HTTP. Because a pusher makes the server
 send requests to a URL a user chose, gateways must match ``push.gateway_url_prefixes``
-(empty by default: no HTTP pushers until the operator names the gateway).
+(empty by default: no HTTP pushers until the operator names the gateway). Unless
+``push.full_notifications`` is on, every notification is sent in the ``event_id_only``
+format whatever the pusher asked: no sender, content, display name or room name
+leaves the server that way.
 """
 
 from __future__ import annotations
@@ -608,11 +611,13 @@ class PusherService:
         rooms: RoomCache,
         gateway_prefixes: list[str],
         timeout_s: float = 10.0,
+        full_notifications: bool = False,
     ) -> None:
         self._db = db
         self._rules = rules
         self._rooms = rooms
         self._prefixes = gateway_prefixes
+        self._full = full_notifications
         self._timeout = timeout_s
         self._users: set[str] = set()
         self.bus: Any = None  # with several workers: tell the others who has pushers
@@ -736,6 +741,11 @@ class PusherService:
         url = data.pop("url")
         if not self._allowed(url):
             return
+        if not self._full:
+            # The gateway (and the phone vendor's push service behind it) learns which
+            # event to fetch, nothing of what it says or who sent it. The device data
+            # says so too, so the gateway builds its push from what it got.
+            data["format"] = "event_id_only"
         tweaks = {a["set_tweak"]: a.get("value", True) for a in actions if isinstance(a, dict) and "set_tweak" in a}
         device = {"app_id": pusher["app_id"], "pushkey": pusher["pushkey"], "pushkey_ts": event.origin_server_ts // 1000, "data": data, "tweaks": tweaks}
         notification: dict[str, Any] = {
