@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import secrets
+from pathlib import Path
 from typing import Any
 
 from bastion import gc_tuning
@@ -152,9 +153,13 @@ def _check_keys(txn: Any, keyring: Keyring | None) -> None:
         )
 
 
-def media_store_for(settings: Settings) -> LocalMediaStore:
+def media_root(settings: Settings) -> Path:
     """Where uploads live: ``media.store_path``, else ``<data_dir>/media``."""
-    return LocalMediaStore(settings.media.store_path or settings.data_dir / "media")
+    return settings.media.store_path or settings.data_dir / "media"
+
+
+def media_store_for(settings: Settings) -> LocalMediaStore:
+    return LocalMediaStore(media_root(settings))
 
 
 def open_migrated_database(settings: Settings) -> Database:

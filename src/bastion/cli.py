@@ -500,9 +500,14 @@ def keys_rotate(config_path: Path, room_id: str | None, user_id: str | None, all
     chosen = [x for x in (room_id, user_id, all_scopes or None) if x]
     if len(chosen) > 1:
         raise click.ClickException("choose one of --room, --user and --all")
-    from bastion.app import media_store_for
+    from bastion.app import media_root, media_store_for
 
     settings, db, _provider = _keys_db(config_path)
+    if not media_root(settings).is_dir():
+        asyncio.run(db.close())
+        raise click.ClickException(
+            f"the media store {media_root(settings)} is not here: run this where the server's media directory is (and as its user)"
+        )
     media = media_store_for(settings)
     try:
         job = keytool.pending_job(db)
@@ -530,6 +535,7 @@ def keys_rotate(config_path: Path, room_id: str | None, user_id: str | None, all
     if unreadable:
         click.echo(f"Warning: {unreadable} media files failed their integrity check or are missing and were left as "
                    "they are (listed above).", err=True)
+        sys.exit(2)
 
 
 @keys.command("rotate-kek")

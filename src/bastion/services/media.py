@@ -522,13 +522,14 @@ async def reencrypt_upload(db: Database, store: MediaStore, media_id: str) -> Re
     Every file (the original and each thumbnail) whose header names another key — or
     that has no header, written before encryption at rest was enabled — is decrypted
     and encrypted again, streamed, and replaced atomically (a download already reading
-    the old file finishes from it). The original's HMAC in the ``sha256`` column is
-    recomputed under the new key and set by compare-and-set; a plaintext original is
-    first checked against its stored SHA-256 and refused if it does not match.
-    Thumbnails go first: once the row says "encrypted", a plaintext thumbnail would be
-    refused as tampering. A file that fails authentication is logged and left as it is
-    (it cannot be read under any key; the rest of the rotation goes on). If the upload
-    was deleted meanwhile, whatever this wrote is deleted too.
+    the old file finishes from it; one that read the row before the change still opens
+    the new file, whose header names its key). Order: the original first — a plaintext
+    one checked against its stored SHA-256, and if that fails nothing of the upload is
+    touched — then the thumbnails, and last the original's HMAC in the ``sha256``
+    column, recomputed under the new key and set by compare-and-set (once the row says
+    "encrypted", a plaintext thumbnail would be refused as tampering). A file that
+    fails authentication is logged and left as it is (the rest of the rotation goes
+    on). If the upload was deleted meanwhile, whatever this wrote is deleted too.
     """
     done = Rekeyed()
     found = await db.read(media_store.owner_and_digest, media_id)
@@ -567,21 +568,30 @@ async def reencrypt_upload(db: Database, store: MediaStore, media_id: str) -> Re
             sealing = media_crypto.encrypt_stream(plaintext(), aead, dek_id, binding, tap=mac.update if mac else None)
             await store.write(key, sealing, digest=False)
         except (IntegrityError, FileNotFoundError) as exc:
+            if isinstance(exc, FileNotFoundError) and await db.read(media_store.owner_and_digest, media_id) is None:
+                return False  # deleted while this ran: nothing to report
             log.error("media file %s was not re-encrypted: %s", key, exc)
             done.unreadable.append(key)
             return False
         done.files += 1
         return True
 
-    for width, height, method, _type, _size in await db.read(media_store.thumbnails, media_id):
-        await rewrite(*_thumbnail(media_id, width, height, method))
-
+    mac = None
     if media_store.digest_dek_id(digest) != dek_id:
         mac = media_crypto.content_mac(aead)
-        if await rewrite(*_original(media_id), mac=mac, expect_sha256=None if sealed else digest):
-            await db.write(media_store.replace_digest, media_id, digest, f"{MAC_PREFIX}{dek_id}:{mac.hexdigest()}")
+        if not await rewrite(*_original(media_id), mac=mac, expect_sha256=None if sealed else digest):
+            return done
+    for width, height, method, _type, _size in await db.read(media_store.thumbnails, media_id):
+        await rewrite(*_thumbnail(media_id, width, height, method))
+    if mac is not None and not await db.write(
+        media_store.replace_digest, media_id, digest, f"{MAC_PREFIX}{dek_id}:{mac.hexdigest()}"
+    ):
+        log.info("media %s changed while its files were re-encrypted; its digest was left as it is", media_id)
     if done.files and await db.read(media_store.owner_and_digest, media_id) is None:
-        await store.delete_prefix(media_id)  # deleted while this ran: leave no file behind
+        try:
+            await store.delete_prefix(media_id)  # deleted while this ran: leave no file behind
+        except OSError as exc:
+            log.error("media %s was deleted during its re-encryption; removing its files failed: %s", media_id, exc)
     return done
 
 

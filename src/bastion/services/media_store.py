@@ -14,6 +14,8 @@ thread so a slow disk never stalls the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -107,16 +109,34 @@ class LocalMediaStore:
         base = self._path(media_id).parent
 
         def remove() -> None:
-            if not base.exists():
-                return
-            for path in sorted(base.rglob("*"), reverse=True):
-                if path.is_file():
-                    path.unlink()
-                else:
-                    path.rmdir()
-            base.rmdir()
+            # Tolerates a concurrent delete of the same media (files already gone) and a
+            # file written meanwhile (a key rotation in another process): once more then.
+            for _ in range(2):
+                if not base.exists():
+                    return
+                for path in sorted(base.rglob("*"), reverse=True):
+                    with contextlib.suppress(FileNotFoundError):
+                        if path.is_dir():
+                            _rmdir(path)
+                        else:
+                            path.unlink()
+                if _rmdir(base):
+                    return
 
         await asyncio.to_thread(remove)
+
+
+def _rmdir(path: Path) -> bool:
+    """Remove an empty directory; False if something is (again) in it."""
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
 
 
 def _finish(handle: object, tmp: Path, target: Path) -> None:
@@ -125,6 +145,13 @@ def _finish(handle: object, tmp: Path, target: Path) -> None:
     handle.close()  # type: ignore[attr-defined]
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, target)
+    # The rename itself is durable only once its directory is: without this, a power
+    # cut after the database commit that follows could bring back the file it replaced.
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _discard(handle: object, tmp: Path) -> None:

@@ -142,7 +142,10 @@ def digest_dek_id(digest: str | None) -> int | None:
     """The DEK id an ``hmac-sha256:<DEK id>:<hex>`` value names; None for a plain SHA-256 or none."""
     if digest is None or not digest.startswith(MAC_PREFIX):
         return None
-    return int(digest[len(MAC_PREFIX):].split(":", 1)[0])
+    try:
+        return int(digest[len(MAC_PREFIX):].split(":", 1)[0])
+    except ValueError:
+        return None  # not a value Bastion wrote
 
 
 def digests(txn: Txn) -> list[str | None]:
