@@ -501,14 +501,15 @@ def keys_rotate(config_path: Path, room_id: str | None, user_id: str | None, all
     if len(chosen) > 1:
         raise click.ClickException("choose one of --room, --user and --all")
     from bastion.app import media_root, media_store_for
+    from bastion.storage import media as media_store
 
     settings, db, _provider = _keys_db(config_path)
-    if not media_root(settings).is_dir():
+    media = media_store_for(settings) if media_root(settings).is_dir() else None
+    if media is None and db.run_sync(media_store.count_uploaded, None):
         asyncio.run(db.close())
         raise click.ClickException(
             f"the media store {media_root(settings)} is not here: run this where the server's media directory is (and as its user)"
         )
-    media = media_store_for(settings)
     try:
         job = keytool.pending_job(db)
         if chosen:
@@ -521,7 +522,7 @@ def keys_rotate(config_path: Path, room_id: str | None, user_id: str | None, all
             raise click.ClickException("nothing to resume; choose --room ID, --user ID or --all")
         else:
             click.echo(f"Resuming the rotation of {job.scope_id or job.scope} (pass {job.passes + 1}).")
-        total = keytool.rows_to_scan(db, job, media=True)
+        total = keytool.rows_to_scan(db, job, media=media is not None)
         with click.progressbar(length=total, label="Re-encrypting", file=sys.stderr) as bar:
             rewritten = keytool.run_rotation(db, job, batch=batch, progress=bar.update, media=media)
     except ConfigError as exc:

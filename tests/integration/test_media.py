@@ -673,3 +673,21 @@ def test_rotation_encrypts_files_written_while_encryption_was_off(make_server) -
     assert all(p.read_bytes()[:2] != ENCRYPTED_MAGIC for p in altered_thumbnails), altered_thumbnails
     assert media_status(srv) == {"column": "media files", "rows": 4, "active_key": 2, "old_key": 0,
                                  "plaintext": 2, "unreadable": 0}
+
+
+def test_rotation_refuses_to_run_without_the_media_directory(make_server) -> None:
+    """Run where the files are not (another host, a container without the volume), the
+    rotation would report every file as missing: it stops before changing any key."""
+    srv: ServerProcess = make_server()
+    user = srv.client().register()
+    mid = media_id(upload(user, b"kept where it is").json()["content_uri"])
+    keys_before = keys_status(srv)["deks"]
+    root = media_root(srv)
+    root.rename(root.with_name("media-elsewhere"))
+    try:
+        refused = srv.cli("keys", "rotate", "--all")
+    finally:
+        root.with_name("media-elsewhere").rename(root)
+    assert refused.returncode == 1 and "is not here" in refused.stderr, refused.stderr
+    assert keys_status(srv)["deks"] == keys_before and keys_status(srv)["rotation_in_progress"] is None
+    assert user.raw("GET", f"/_matrix/client/v1/media/download/localhost/{mid}").content == b"kept where it is"
