@@ -315,7 +315,11 @@ class Homeserver:
             registration_requires_token=settings.registration.require_token,
             shared_secret=settings.registration.resolved_shared_secret(),
         )
-        self.profiles = ProfileService(db, self.events, self.memberships)
+        self.profiles = ProfileService(
+            db, self.events, self.memberships,
+            limit_to_visible=settings.user_directory.limit_profiles,
+            search_all_users=settings.user_directory.search_all_users,
+        )
         self.devices = DeviceService(db, self.auth, self.uia)
         media = settings.media
         self.media = MediaService(

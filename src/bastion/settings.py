@@ -133,6 +133,8 @@ class RoomDirectorySettings(_Section):
 
 class UserDirectorySettings(_Section):
     search_all_users: bool = False
+    # GET /profile of another user only for those this directory would find for the requester.
+    limit_profiles: bool = False
 
 
 class PushSettings(_Section):

@@ -85,6 +85,39 @@ def test_user_directory_search_all_users(make_server) -> None:
                                              {"search_term": "carol"})["results"]] == [carol.user_id]  # not deactivated ones
 
 
+def test_profiles_limited_to_users_the_directory_would_find(make_server) -> None:
+    """``user_directory.limit_profiles``: another user's profile only for users who share
+    a room with the requester or are in a public room; the same 403 for a stranger and
+    for an account that does not exist; always one's own, and always for an admin."""
+    srv: ServerProcess = make_server(user_directory={"limit_profiles": True})
+    alice, bob, carol, dave = (srv.client().register() for _ in range(4))
+    for user, name in ((bob, "Bob Shared"), (carol, "Carol Stranger"), (dave, "Dave Public")):
+        user.call("PUT", f"/_matrix/client/v3/profile/{user.user_id}/displayname", {"displayname": name})
+    room = alice.create_room(invite=[bob.user_id])
+    bob.join(room)
+    dave.create_room(preset="public_chat")
+
+    def profile(viewer: MatrixHttp, user_id: str, field: str = "") -> tuple[int, dict]:
+        resp = viewer.raw("GET", f"/_matrix/client/v3/profile/{user_id}" + (f"/{field}" if field else ""))
+        return resp.status_code, resp.json()
+
+    assert profile(alice, bob.user_id) == (200, {"displayname": "Bob Shared"})
+    assert profile(alice, dave.user_id, "displayname") == (200, {"displayname": "Dave Public"})
+    hidden = profile(alice, carol.user_id)
+    assert hidden[0] == 403 and hidden[1]["errcode"] == "M_FORBIDDEN" and "Carol" not in str(hidden[1])
+    assert profile(alice, carol.user_id, "displayname")[0] == 403
+    nobody = profile(alice, "@nobody-here:localhost")
+    assert nobody[0] == 403 and nobody[1] == hidden[1]  # no telling who has an account
+    assert profile(carol, carol.user_id) == (200, {"displayname": "Carol Stranger"})
+    assert profile(admin_user(srv, "profileadmin"), carol.user_id)[0] == 200
+    # Sharing a room makes the profile visible; leaving every shared room hides it again.
+    carol_room = carol.create_room(invite=[alice.user_id])
+    alice.join(carol_room)
+    assert profile(alice, carol.user_id) == (200, {"displayname": "Carol Stranger"})
+    alice.call("POST", f"/_matrix/client/v3/rooms/{carol_room}/leave", {})
+    assert profile(alice, carol.user_id)[0] == 403
+
+
 def test_devices_list_rename_and_delete_with_uia(server: ServerProcess) -> None:
     user = server.client().register()
     second = server.client()

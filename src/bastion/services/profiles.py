@@ -20,6 +20,7 @@ from bastion.services.caches import MembershipIndex
 from bastion.services.requester import Requester
 from bastion.services.room_events import EventService, EventSpec
 from bastion.storage import accounts as accounts_store
+from bastion.storage import directory as directory_store
 from bastion.storage.database import Database, Txn
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,35 @@ LEGACY_FIELDS = {"displayname": MAX_DISPLAYNAME, "avatar_url": MAX_AVATAR_URL}
 
 
 class ProfileService:
-    def __init__(self, db: Database, events: EventService, memberships: MembershipIndex) -> None:
+    def __init__(
+        self,
+        db: Database,
+        events: EventService,
+        memberships: MembershipIndex,
+        *,
+        limit_to_visible: bool = False,
+        search_all_users: bool = False,
+    ) -> None:
         self._db = db
         self._events = events
         self._memberships = memberships
+        self._limit = limit_to_visible
+        self._search_all = search_all_users
 
-    async def get(self, user_id: str) -> dict[str, Any]:
+    async def get(self, user_id: str, requester: Requester | None = None) -> dict[str, Any]:
+        """A user's profile; with ``user_directory.limit_profiles``, to a ``requester`` other
+        than the user or an admin only if the user directory would find the user for them
+        (else 403, whether or not the user exists: no probing for accounts)."""
         if not is_valid_user_id(user_id):
             raise MatrixError("Invalid user ID", errcode="M_INVALID_PARAM", status=400)
+        if (
+            self._limit
+            and requester is not None
+            and requester.user_id != user_id
+            and not requester.is_admin
+            and not await self._db.read(directory_store.may_find, requester.user_id, user_id, self._search_all)
+        ):
+            raise Forbidden("You do not share a room with this user")
 
         def load(txn: Txn) -> tuple[Any, Any]:
             return accounts_store.get_profile(txn, user_id), accounts_store.get_profile_fields(txn, user_id)

@@ -108,6 +108,12 @@ def _visible_users_sql(all_users: bool) -> str:
     )
 
 
+def may_find(txn: Txn, searcher: str, target: str, all_users: bool) -> bool:
+    """Whether user-directory search would find active user ``target`` for ``searcher``."""
+    params: tuple[str, ...] = (searcher, target) if all_users else (searcher, searcher, target)
+    return txn.fetchone(_visible_users_sql(all_users) + " AND p.user_id = ?", params) is not None
+
+
 def _display_name(txn: Txn, user_id: str, stored: str | None, names: NameCache) -> str | None:
     if stored is None or not stored.startswith(TEXT_PREFIX):
         return stored

@@ -20,14 +20,14 @@ def _user(req: Request) -> str:
 
 async def get_profile(req: Request) -> dict[str, Any]:
     """GET /_matrix/client/v3/profile/{userId}"""
-    return await req.hs.profiles.get(_user(req))
+    return await req.hs.profiles.get(_user(req), req.requester)
 
 
 async def get_profile_field(req: Request) -> dict[str, Any]:
     """GET /_matrix/client/v3/profile/{userId}/{keyName}"""
     field = req.params["keyName"]
     req.hs.profiles.check_key(field)
-    profile = await req.hs.profiles.get(_user(req))
+    profile = await req.hs.profiles.get(_user(req), req.requester)
     if field not in profile:
         raise NotFound(f"No {field} set")
     return {field: profile[field]}
