@@ -109,9 +109,19 @@ def _visible_users_sql(all_users: bool) -> str:
 
 
 def may_find(txn: Txn, searcher: str, target: str, all_users: bool) -> bool:
-    """Whether user-directory search would find active user ``target`` for ``searcher``."""
-    params: tuple[str, ...] = (searcher, target) if all_users else (searcher, searcher, target)
-    return txn.fetchone(_visible_users_sql(all_users) + " AND p.user_id = ?", params) is not None
+    """Whether user-directory search would find ``target`` for ``searcher``: the rule of
+    :func:`_visible_users_sql` for one user, by primary-key lookups (no scan of every
+    public room's members)."""
+    sql = "SELECT 1 FROM users WHERE user_id = ? AND is_deactivated = FALSE"
+    if all_users:
+        return txn.fetchone(sql, (target,)) is not None
+    sql += (
+        " AND (EXISTS (SELECT 1 FROM memberships m1 JOIN memberships m2 ON m2.user_id = ? AND m2.room_id = m1.room_id"
+        " WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join')"
+        " OR EXISTS (SELECT 1 FROM memberships m JOIN rooms r ON r.room_id = m.room_id"
+        " WHERE m.user_id = ? AND m.membership = 'join' AND (r.join_rule = 'public' OR r.history_visibility = 'world_readable')))"
+    )
+    return txn.fetchone(sql, (target, target, searcher, target)) is not None
 
 
 def _display_name(txn: Txn, user_id: str, stored: str | None, names: NameCache) -> str | None:
