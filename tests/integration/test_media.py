@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -691,3 +692,51 @@ def test_rotation_refuses_to_run_without_the_media_directory(make_server) -> Non
     assert refused.returncode == 1 and "is not here" in refused.stderr, refused.stderr
     assert keys_status(srv)["deks"] == keys_before and keys_status(srv)["rotation_in_progress"] is None
     assert user.raw("GET", f"/_matrix/client/v1/media/download/localhost/{mid}").content == b"kept where it is"
+
+
+def test_a_rotation_interrupted_among_the_files_resumes(make_server, monkeypatch) -> None:
+    """A crash part-way through the files (here: on the second upload of a batch, before
+    the batch's cursor is saved) loses nothing; ``bastion keys rotate`` resumes, skips
+    what is already under the new key, and finishes the rest."""
+    from bastion import keytool
+    from bastion.app import media_store_for, open_migrated_database
+    from bastion.settings import load_settings
+
+    srv: ServerProcess = make_server()
+    user = srv.client().register()
+    by_id = {media_id(upload(user, body).json()["content_uri"]): body
+             for body in (f"file {n} ".encode() * 5000 for n in range(6))}
+    ids = sorted(by_id)  # the order the rotation walks them in
+    old_keys = {header_dek_id(stored_file(srv, mid)) for mid in ids}
+    assert len(old_keys) == 1
+
+    calls = 0
+    real = keytool.reencrypt_upload
+
+    async def crash_on_the_second(db, store, mid):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise InterruptedError("power cut")
+        return await real(db, store, mid)
+
+    monkeypatch.setattr(keytool, "reencrypt_upload", crash_on_the_second)
+    settings = load_settings(srv.config_path)
+    db = open_migrated_database(settings)
+    try:
+        job = keytool.start_rotation(db, "user", user.user_id)
+        with pytest.raises(InterruptedError):
+            keytool.run_rotation(db, job, batch=4, media=media_store_for(settings))
+    finally:
+        asyncio.run(db.close())
+    after_crash = [header_dek_id(stored_file(srv, mid)) for mid in ids]
+    assert after_crash[0] not in old_keys and set(after_crash[1:]) == old_keys  # one done, the rest not
+
+    resumed = srv.cli("keys", "rotate")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming" in resumed.stdout and "5 media files re-encrypted" in resumed.stdout, resumed.stdout
+    assert {header_dek_id(stored_file(srv, mid)) for mid in ids} == {after_crash[0]}
+    assert keys_status(srv)["rotation_in_progress"] is None
+    for mid, body in by_id.items():
+        got = user.raw("GET", f"/_matrix/client/v1/media/download/localhost/{mid}")
+        assert got.status_code == 200 and got.content == body
