@@ -206,8 +206,9 @@ def _reencrypt_media(
             return [await reencrypt_upload(db, media, media_id) for media_id in ids]
 
         results = asyncio.run(one_batch())
-        changed += sum(r.files for r in results)
-        rewritten[MEDIA_FILES] = rewritten.get(MEDIA_FILES, 0) + sum(r.files for r in results)
+        files = sum(r.files for r in results)
+        changed += files
+        rewritten[MEDIA_FILES] = rewritten.get(MEDIA_FILES, 0) + files
         for r in results:
             unreadable.update(r.unreadable)
         cursor = ids[-1] if len(ids) == batch else "done"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import sqlite3
 import threading
@@ -19,6 +18,7 @@ import yaml
 from PIL import Image, PngImagePlugin
 
 from tests.harness import MatrixHttp, ServerProcess, free_port
+from tests.integration.test_encryption_at_rest import keys_status
 
 
 def png(width: int, height: int, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -530,12 +530,6 @@ def header_dek_id(path: Path) -> int | None:
     """The data key a stored file's header names (None: no header, plaintext)."""
     head = path.read_bytes()[:28]
     return int.from_bytes(head[4:12], "big") if head[:2] == ENCRYPTED_MAGIC else None
-
-
-def keys_status(srv: ServerProcess) -> dict:
-    result = srv.cli("keys", "status", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def media_status(srv: ServerProcess) -> dict:

@@ -85,6 +85,10 @@ MAX_CACHED_NAMES = 50_000
 _WORD_SPLIT = re.compile(r"[^\w]+")
 
 
+# A room whose members anyone may find (the spec's "public" rooms for the user directory).
+_PUBLIC_ROOM = "(r.join_rule = 'public' OR r.history_visibility = 'world_readable')"
+
+
 def _visible_users_sql(all_users: bool) -> str:
     """Candidates: active users other than the searcher (``?``) whom the searcher (``?``) may find.
 
@@ -104,7 +108,7 @@ def _visible_users_sql(all_users: bool) -> str:
         " WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join'"
         " UNION"
         " SELECT m.user_id FROM memberships m JOIN rooms r ON r.room_id = m.room_id"
-        " WHERE m.membership = 'join' AND (r.join_rule = 'public' OR r.history_visibility = 'world_readable'))"
+        f" WHERE m.membership = 'join' AND {_PUBLIC_ROOM})"
     )
 
 
@@ -119,7 +123,7 @@ def may_find(txn: Txn, searcher: str, target: str, all_users: bool) -> bool:
         " AND (EXISTS (SELECT 1 FROM memberships m1 JOIN memberships m2 ON m2.user_id = ? AND m2.room_id = m1.room_id"
         " WHERE m1.user_id = ? AND m1.membership = 'join' AND m2.membership = 'join')"
         " OR EXISTS (SELECT 1 FROM memberships m JOIN rooms r ON r.room_id = m.room_id"
-        " WHERE m.user_id = ? AND m.membership = 'join' AND (r.join_rule = 'public' OR r.history_visibility = 'world_readable')))"
+        f" WHERE m.user_id = ? AND m.membership = 'join' AND {_PUBLIC_ROOM}))"
     )
     return txn.fetchone(sql, (target, target, searcher, target)) is not None
 
